@@ -1,0 +1,35 @@
+"""efficient_attention: the efficient self-attention family in NumPy and Numba,
+every variant with a forward pass and a hand-written backward pass.
+
+Shape letters: B batch, H heads, N queries, M keys, D (``d``) query/key width,
+Dv value width, K projected length, R hash rounds, C buckets/clusters.
+
+Importing a chapter's module registers its variants (``registry()``).
+"""
+from .core import (AttentionCore, Cost, Grads, LayerGrads, SequenceLayer, Variant, get_variant,
+                   register, registry)
+from .gradcheck import gradcheck
+from . import softmax, validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCore", "SequenceLayer", "Grads", "LayerGrads", "Cost", "Variant",
+    "register", "registry", "get_variant", "gradcheck", "softmax", "validate",
+]
+
+# chapter 0: full attention
+from .dense import DenseAttention, causal_mask  # noqa: E402
+__all__ += ["DenseAttention", "causal_mask"]
+
+# chapter 1: hand-designed patterns (issue 3)
+
+# chapter 2: clustered patterns (issue 6)
+
+# chapter 2: learned patterns (issue 7)
+
+# chapter 3: no N x N matrix (issue 5)
+
+# chapter 4: the multiplication order (issue 4)
+
+# chapters 5-6 and multi-head layers (issue 8)

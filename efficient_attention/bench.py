@@ -1,0 +1,266 @@
+"""Benchmark harness shared by the main command and every ``benchmarks/`` script.
+
+What it measures, and how:
+
+* **time**: the median of ``repeat`` runs after ``warmup`` runs (the first
+  numba call compiles, so it is never timed);
+* **peak memory**: the peak of traced allocations during one forward +
+  backward (``tracemalloc`` sees every NumPy buffer; kernels write into
+  buffers their NumPy wrappers allocate), and, for whole-process targets,
+  the peak RSS of a subprocess (:func:`peak_rss`);
+* **GEMM peak**: float32/float64 ``numpy.matmul`` throughput measured in a
+  subprocess started *without* ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``
+  (which some machines set to dodge old OpenBLAS bugs; without them OpenBLAS
+  picks its native kernel, whose name is reported via threadpoolctl);
+* **useful FLOPs** from ``core.cost()``, so that a run's fraction of the GEMM
+  peak is comparable across variants;
+* **error** against the float64 dense oracle with the variant's
+  ``dense_mask`` (exact variants) or unmasked (approximations).
+
+Results are rows of dicts, printed as a Markdown table and optionally
+written as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from typing import Callable, Iterable
+
+import numpy as np
+
+__all__ = [
+    "median_time",
+    "traced_peak",
+    "peak_rss",
+    "gemm_peak",
+    "blas_info",
+    "machine_header",
+    "markdown_table",
+    "write_json",
+    "rel_error",
+    "bench_core",
+    "random_qkv",
+]
+
+
+def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def traced_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes of traced (NumPy / Python) allocations made while ``fn()`` runs."""
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    return max(0, peak - base)
+
+
+def _clean_env() -> dict:
+    env = dict(os.environ)
+    env.pop("OPENBLAS_CORETYPE", None)
+    env.pop("OPENBLAS_L2_SIZE", None)
+    return env
+
+
+def peak_rss(code: str, *, clean_blas_env: bool = False, timeout: float = 1800) -> dict:
+    """Run ``code`` in a fresh Python and return ``{'peak_rss_mb', 'stdout'}``.
+
+    The child's peak resident set size is read from ``getrusage`` at exit,
+    so it includes the interpreter, NumPy, numba and everything ``code`` allocates.
+    """
+    wrapper = (code + "\nimport resource, sys\n"
+               "print('__PEAK_RSS_KB__', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    env = _clean_env() if clean_blas_env else None
+    res = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"subprocess failed ({res.returncode}):\n{res.stderr[-2000:]}")
+    lines = res.stdout.splitlines()
+    kb = int([ln for ln in lines if ln.startswith("__PEAK_RSS_KB__")][-1].split()[1])
+    return {"peak_rss_mb": kb / 1024, "stdout": "\n".join(ln for ln in lines if not ln.startswith("__PEAK"))}
+
+
+_GEMM_CODE = r"""
+import json, time, statistics, numpy as np
+from threadpoolctl import threadpool_info
+out = {}
+for name in ("float32", "float64"):
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(name)
+    b = np.random.default_rng(1).standard_normal((n, n)).astype(name)
+    a @ b
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t0)
+    out[name] = 2 * n ** 3 / statistics.median(ts) / 1e9
+info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+out["kernel"] = ", ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in info) or "unknown"
+out["threads"] = max([i.get("num_threads", 0) for i in info] or [0])
+print(json.dumps(out))
+"""
+
+_GEMM_CACHE: dict = {}
+
+
+def gemm_peak() -> dict:
+    """``{'float32': GFLOP/s, 'float64': GFLOP/s, 'kernel': str, 'threads': int}``
+    of a 2048² matmul, measured once per process in a subprocess without the
+    OpenBLAS override variables."""
+    if not _GEMM_CACHE:
+        res = subprocess.run([sys.executable, "-c", _GEMM_CODE], capture_output=True, text=True,
+                             env=_clean_env(), timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"GEMM peak subprocess failed:\n{res.stderr[-2000:]}")
+        _GEMM_CACHE.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    return dict(_GEMM_CACHE)
+
+
+def blas_info() -> str:
+    """The BLAS this process uses (threadpoolctl), e.g. 'openblas 0.3.29 Haswell, 2 threads'."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover
+        return "unknown (threadpoolctl not installed)"
+    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}, "
+                     f"{i.get('num_threads')} threads" for i in info) or "unknown"
+
+
+def machine_header(with_peak: bool = False) -> str:
+    """Markdown lines describing the machine, BLAS, threads (and optionally the GEMM peak)."""
+    import numba
+    lines = [
+        f"- python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs",
+        f"- BLAS (this process): {blas_info()}",
+        f"- numba threads: {numba.get_num_threads()} (threading layer: {_threading_layer()})",
+        "- OPENBLAS_CORETYPE=" + os.environ.get("OPENBLAS_CORETYPE", "(unset)")
+        + ", OPENBLAS_L2_SIZE=" + os.environ.get("OPENBLAS_L2_SIZE", "(unset)"),
+    ]
+    if with_peak:
+        peak = gemm_peak()
+        lines.append(f"- GEMM peak (subprocess without the OpenBLAS overrides; kernel {peak['kernel']}, "
+                     f"{peak['threads']} threads): float32 {peak['float32']:.1f} GFLOP/s, "
+                     f"float64 {peak['float64']:.1f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def _threading_layer() -> str:
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not yet initialised"
+
+
+def markdown_table(rows: list[dict], columns: Iterable[str] | None = None) -> str:
+    """Rows of dicts as a Markdown table (floats formatted to 3 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns) if columns is not None else list(rows[0])
+
+    def fmt(x):
+        if isinstance(x, float):
+            if x != x:
+                return "—"
+            return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
+        return "—" if x is None else str(x)
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_json(path: str, payload) -> None:
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2, default=float)
+
+
+def rel_error(actual, expected) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius; absolute when expected is 0)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    denom = np.linalg.norm(expected)
+    diff = np.linalg.norm(actual - expected)
+    return float(diff / denom) if denom > 0 else float(diff)
+
+
+def random_qkv(batch_shape, n, d, dv=None, dtype=np.float32, seed=0):
+    """Standard-normal ``q (..., N, D)``, ``k``, ``v`` and ``dout``."""
+    dv = d if dv is None else dv
+    rng = np.random.default_rng(seed)
+    shapes = [(n, d), (n, d), (n, dv), (n, dv)]
+    return tuple(rng.standard_normal(tuple(batch_shape) + s).astype(dtype) for s in shapes)
+
+
+def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
+               dtype=np.float32, repeat: int = 3, warmup: int = 1, check: bool = True,
+               exact: bool | None = None, seed: int = 0, peak: dict | None = None) -> dict:
+    """Time one attention core's forward and forward+backward on random inputs.
+
+    Returns a row: forward / backward times (ms, medians), GFLOP/s on the
+    useful FLOPs from ``core.cost``, peak traced memory (MB), and the relative
+    error of the output and of the gradients against the float64 dense oracle
+    on the first head (masked by ``core.dense_mask`` unless ``exact`` is False).
+    """
+    from .dense import DenseAttention
+    dv = d if dv is None else dv
+    q, k, v, dout = random_qkv((heads,), n, d, dv, dtype, seed)
+    state = {}
+
+    def fwd():
+        state["out"], state["cache"] = core.forward(q, k, v)
+
+    def fwd_bwd():
+        out, cache = core.forward(q, k, v)
+        state["grads"] = core.backward(cache, dout)
+
+    t_fwd = median_time(fwd, repeat, warmup)
+    t_fb = median_time(fwd_bwd, repeat, warmup)
+    fwd_cost = core.cost(n, d, dv).scaled(heads)
+    bwd_cost = core.cost(n, d, dv, backward=True).scaled(heads)
+    row = {
+        "N": n,
+        "fwd ms": 1e3 * t_fwd,
+        "fwd+bwd ms": 1e3 * t_fb,
+        "fwd GFLOP/s": fwd_cost.flops / t_fwd / 1e9,
+        "fwd+bwd GFLOP/s": (fwd_cost.flops + bwd_cost.flops) / t_fb / 1e9,
+        "peak MB": traced_peak(fwd_bwd) / 2**20,
+    }
+    if peak is not None:
+        row["% peak"] = 100 * row["fwd+bwd GFLOP/s"] / peak[np.dtype(dtype).name]
+    if check:
+        mask = core.dense_mask(n, n) if exact is not False else None
+        oracle = DenseAttention(scale=getattr(core, "scale", None))
+        q0, k0, v0, g0 = (np.asarray(a[0], np.float64) for a in (q, k, v, dout))
+        ref, ref_cache = oracle.forward(q0, k0, v0, mask=mask)
+        ref_grads = oracle.backward(ref_cache, g0)
+        row["err out"] = rel_error(state["out"][0], ref)
+        grads = state["grads"]
+        errs = [rel_error(a[0], b) for a, b in zip((grads.dq, grads.dk, grads.dv), ref_grads[:3])
+                if a is not None]
+        row["err grad"] = max(errs)
+        row["oracle"] = "masked" if mask is not None else ("full" if exact is False else "dense")
+    return row
