@@ -43,9 +43,10 @@ def softmax_lse(scores: np.ndarray, mask: np.ndarray | None = None):
         scores = np.where(mask, scores, -np.inf)
     row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else \
         np.full(scores.shape[:-1] + (1,), -np.inf, scores.dtype)
-    empty = ~np.isfinite(row_max)                            # fully masked rows (or M = 0)
+    empty = np.isneginf(row_max)                             # fully masked rows (or M = 0)
     row_max = np.where(empty, 0, row_max).astype(scores.dtype, copy=False)
-    e = np.exp(scores - row_max)                             # exp(-inf) = 0 for masked entries
+    with np.errstate(over="ignore"):                         # s - max may round to -inf: exp gives 0
+        e = np.exp(scores - row_max)                         # exp(-inf) = 0 for masked entries
     total = e.sum(axis=-1, keepdims=True)
     safe_total = np.where(empty, 1, total)
     probs = e / safe_total
@@ -71,7 +72,8 @@ def probs_from_lse(scores: np.ndarray, lse: np.ndarray, mask: np.ndarray | None 
         scores = np.where(mask, scores, -np.inf)             # masked entries before exp: no overflow
     lse = lse[..., None]
     empty = np.isneginf(lse)
-    p = np.exp(np.where(empty, -np.inf, scores - np.where(empty, 0, lse)))
+    with np.errstate(over="ignore"):
+        p = np.exp(np.where(empty, -np.inf, scores - np.where(empty, 0, lse)))
     return p.astype(scores.dtype, copy=False)
 
 

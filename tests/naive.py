@@ -1,0 +1,54 @@
+"""Slow, obvious references: explicit Python loops over queries, no tricks.
+
+Everything optimised (and the oracle itself) is compared with these.
+"""
+import math
+
+import numpy as np
+
+
+def attention_loop(q, k, v, mask=None, causal=False, scale=None):
+    """Per-query loop over a single sequence or any batch: softmax(scale q_i·k_j) over allowed j."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    batch = q.shape[:-2]
+    full_mask = np.ones(batch + (n, m), bool) if mask is None else np.broadcast_to(mask, batch + (n, m))
+    out = np.zeros(batch + (n, v.shape[-1]))
+    for b in np.ndindex(*batch):
+        for i in range(n):
+            allowed = [j for j in range(m) if full_mask[b + (i, j)] and (not causal or j <= i)]
+            if not allowed:
+                continue
+            s = [scale * float(np.dot(q[b + (i,)], k[b + (j,)])) for j in allowed]
+            top = max(s)
+            w = [math.exp(x - top) for x in s]
+            total = sum(w)
+            for wj, j in zip(w, allowed):
+                out[b + (i,)] += (wj / total) * v[b + (j,)]
+    return out
+
+
+def attention_grads_loop(q, k, v, dout, mask=None, causal=False, scale=None):
+    """Gradients of sum(out * dout) by the per-entry chain rule, one query at a time."""
+    q, k, v, dout = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dout))
+    n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    batch = q.shape[:-2]
+    full_mask = np.ones(batch + (n, m), bool) if mask is None else np.broadcast_to(mask, batch + (n, m))
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in np.ndindex(*batch):
+        for i in range(n):
+            allowed = [j for j in range(m) if full_mask[b + (i, j)] and (not causal or j <= i)]
+            if not allowed:
+                continue
+            s = np.array([scale * np.dot(q[b + (i,)], k[b + (j,)]) for j in allowed])
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            dp = np.array([np.dot(dout[b + (i,)], v[b + (j,)]) for j in allowed])
+            ds = p * (dp - np.dot(p, dp))
+            for pj, dsj, j in zip(p, ds, allowed):
+                dv[b + (j,)] += pj * dout[b + (i,)]
+                dq[b + (i,)] += scale * dsj * k[b + (j,)]
+                dk[b + (j,)] += scale * dsj * q[b + (i,)]
+    return dq, dk, dv

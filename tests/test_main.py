@@ -1,0 +1,62 @@
+"""The main command and the benchmark harness."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import efficient_attention as ea
+from efficient_attention import bench
+from efficient_attention.__main__ import main
+
+
+def test_main_runs_table_and_json(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    assert main(["--n", "32", "64", "--d", "8", "--heads", "1", "--repeat", "1",
+                 "--variants", "dense", "dense_causal", "--no-peak", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "| variant | N |" in text and "BLAS" in text and "numba threads" in text
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["variant"], r["N"]) for r in rows] == [("dense", 32), ("dense", 64),
+                                                      ("dense_causal", 32), ("dense_causal", 64)]
+    for r in rows:
+        assert r["fwd ms"] > 0 and r["fwd+bwd ms"] > 0 and r["peak MB"] > 0
+        assert r["err out"] < 1e-5 and r["err grad"] < 1e-5          # float32 vs the float64 oracle
+    assert rows[2]["oracle"] == "masked"
+
+
+def test_main_list_and_errors(capsys):
+    assert main(["--list"]) == 0
+    assert "dense_causal" in capsys.readouterr().out
+    assert main(["--variants", "nope"]) == 2
+    assert "unknown variants" in capsys.readouterr().err
+    assert main(["--d", "0"]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+
+
+def test_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "efficient_attention", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--json" in res.stdout
+
+
+def test_harness_pieces():
+    calls = []
+    t = bench.median_time(lambda: calls.append(1), repeat=3, warmup=2)
+    assert len(calls) == 5 and t >= 0
+    assert bench.traced_peak(lambda: np.ones(2**20)) >= 8 * 2**20
+    assert bench.rel_error([1.0, 1.0], [1.0, 0.0]) == 1.0
+    table = bench.markdown_table([{"a": 1, "b": 0.123456}, {"a": 2, "b": None}])
+    assert table.splitlines()[0] == "| a | b |" and "0.123" in table and "—" in table
+    row = bench.bench_core(ea.DenseAttention(), 16, 4, heads=2, repeat=1)
+    assert row["err out"] < 1e-5 and row["oracle"] == "dense"
+
+
+def test_gemm_peak_and_rss_subprocesses():
+    peak = bench.gemm_peak()
+    assert peak["float32"] > 0 and peak["float64"] > 0 and isinstance(peak["kernel"], str)
+    res = bench.peak_rss("import numpy as np\nx = np.ones(64 * 2**20 // 8)\nprint('done', x.sum())")
+    assert res["peak_rss_mb"] > 64 and "done" in res["stdout"]
