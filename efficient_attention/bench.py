@@ -225,7 +225,6 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
     error of the output and of the gradients against the float64 dense oracle
     on the first head (masked by ``core.dense_mask`` unless ``exact`` is False).
     """
-    from .dense import DenseAttention
     dv = d if dv is None else dv
     q, k, v, dout = random_qkv((heads,), n, d, dv, dtype, seed)
     state = {}
@@ -253,10 +252,7 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
         row["% peak"] = 100 * row["fwd+bwd GFLOP/s"] / peak[np.dtype(dtype).name]
     if check:
         mask = core.dense_mask(n, n) if exact is not False else None
-        oracle = DenseAttention(scale=getattr(core, "scale", None))
-        q0, k0, v0, g0 = (np.asarray(a[0], np.float64) for a in (q, k, v, dout))
-        ref, ref_cache = oracle.forward(q0, k0, v0, mask=mask)
-        ref_grads = oracle.backward(ref_cache, g0)
+        (ref, ref_grads) = _oracle(q[0], k[0], v[0], dout[0], mask, getattr(core, "scale", None))
         row["err out"] = rel_error(state["out"][0], ref)
         grads = state["grads"]
         errs = [rel_error(a[0], b) for a, b in zip((grads.dq, grads.dk, grads.dv), ref_grads[:3])
@@ -264,3 +260,25 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
         row["err grad"] = max(errs)
         row["oracle"] = "masked" if mask is not None else ("full" if exact is False else "dense")
     return row
+
+
+_ORACLE_CACHE: dict = {}
+
+
+def _oracle(q, k, v, dout, mask, scale):
+    """Float64 dense output and gradients on one head, cached by inputs, mask and scale
+    (many variants share the unmasked oracle)."""
+    import hashlib
+    from .dense import DenseAttention
+    h = hashlib.sha1()
+    for a in (q, k, v, dout) + (() if mask is None else (np.asarray(mask),)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    key = (h.hexdigest(), q.shape, k.shape, v.shape, None if mask is None else np.shape(mask), scale)
+    if key not in _ORACLE_CACHE:
+        if len(_ORACLE_CACHE) > 8:
+            _ORACLE_CACHE.clear()
+        oracle = DenseAttention(scale=scale)
+        q0, k0, v0, g0 = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+        ref, cache = oracle.forward(q0, k0, v0, mask=mask)
+        _ORACLE_CACHE[key] = (ref, oracle.backward(cache, g0))
+    return _ORACLE_CACHE[key]
