@@ -29,6 +29,8 @@ __all__ += ["DenseAttention", "causal_mask"]
 # chapter 2: learned patterns (issue 7)
 
 # chapter 3: no N x N matrix (issue 5)
+from .lowrank import CompressedAttention, LinformerAttention  # noqa: E402
+__all__ += ["LinformerAttention", "CompressedAttention"]
 
 # chapter 4: the multiplication order (issue 4)
 
