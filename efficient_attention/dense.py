@@ -17,7 +17,8 @@ Backward (``dO`` the upstream gradient), one chain-rule step a line:
 .. math::
 
     dV = P^\top dO,\quad dP = dO\,V^\top,\quad
-    dS = P \odot \big(dP - \operatorname{rowsum}(P \odot dP)\big),\quad
+    dS = P \odot \big(dP - \operatorname{rowsum}(P \odot dP)\big)
+         = P \odot \big(dP - \operatorname{rowsum}(dO \odot O)\big),\quad
     dQ = s\,dS\,K,\quad dK = s\,dS^\top Q.
 
 The cache keeps the per-row log-sum-exp instead of ``P`` (``P`` is recomputed
@@ -33,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .core import AttentionCore, Cost, Grads
-from .softmax import probs_from_lse, softmax_backward, softmax_lse
+from .softmax import probs_from_lse, softmax_lse
 from .validate import (check_bool, check_dout, check_mask, check_qkv, check_scale,
                        resolve_scale)
 
@@ -68,8 +69,11 @@ def _backward(cache: _DenseCache, dout):
     scores = scale * (q @ np.swapaxes(k, -1, -2))          # recompute S           (..., N, M)
     probs = probs_from_lse(scores, lse, mask)              # P = exp(S - lse)
     dv = np.swapaxes(probs, -1, -2) @ dout                 # dV = Pᵀ dO            (..., M, Dv)
-    dprobs = dout @ np.swapaxes(v, -1, -2)                 # dP = dO Vᵀ            (..., N, M)
-    dscores = softmax_backward(probs, dprobs)              # dS = P ⊙ (dP - rowsum(P ⊙ dP))
+    dscores = dout @ np.swapaxes(v, -1, -2)                # dP = dO Vᵀ            (..., N, M)
+    # dS = P ⊙ (dP - rowsum(P ⊙ dP)); rowsum(P ⊙ dP) = rowsum(dO ⊙ O) because O = PV,
+    # which costs N·Dv instead of a pass over N×M (in place: dP becomes dS)
+    dscores -= np.sum(dout * out, axis=-1, keepdims=True)
+    dscores *= probs
     dq = scale * (dscores @ k)                             # dQ = s dS K           (..., N, D)
     dk = scale * (np.swapaxes(dscores, -1, -2) @ q)        # dK = s dSᵀ Q          (..., M, D)
     return dq, dk, dv
