@@ -23,6 +23,9 @@ from .dense import DenseAttention, causal_mask  # noqa: E402
 __all__ += ["DenseAttention", "causal_mask"]
 
 # chapter 1: hand-designed patterns (issue 3)
+from . import patterns  # noqa: E402
+from .sparse import GlobalAttention, SparseAttention  # noqa: E402
+__all__ += ["patterns", "SparseAttention", "GlobalAttention"]
 
 # chapter 2: clustered patterns (issue 6)
 
