@@ -14,8 +14,9 @@ What it measures, and how:
   picks its native kernel, whose name is reported via threadpoolctl);
 * **useful FLOPs** from ``core.cost()``, so that a run's fraction of the GEMM
   peak is comparable across variants;
-* **error** against the float64 dense oracle with the variant's
-  ``dense_mask`` (exact variants) or unmasked (approximations).
+* **error** against the float64 dense oracle: the core's own ``reference``
+  when it has one (added tokens), else masked with its ``dense_mask`` (exact
+  variants) or unmasked (approximations: the error is the approximation's).
 
 Results are rows of dicts, printed as a Markdown table and optionally
 written as JSON.
@@ -251,14 +252,19 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
     if peak is not None:
         row["% peak"] = 100 * row["fwd+bwd GFLOP/s"] / peak[np.dtype(dtype).name]
     if check:
-        mask = core.dense_mask(n, n) if exact is not False else None
-        (ref, ref_grads) = _oracle(q[0], k[0], v[0], dout[0], mask, getattr(core, "scale", None))
+        own = core.reference(q[:1], k[:1], v[:1], dout[:1])
+        if own is not None:                                   # the core's own oracle
+            ref, ref_grads, label = own[0][0], [g[0] for g in own[1:]], "reference"
+        else:
+            mask = core.dense_mask(n, n) if exact is not False else None
+            ref, ref_grads = _oracle(q[0], k[0], v[0], dout[0], mask, getattr(core, "scale", None))
+            label = "masked" if mask is not None else ("full" if exact is False else "dense")
         row["err out"] = rel_error(state["out"][0], ref)
         grads = state["grads"]
         errs = [rel_error(a[0], b) for a, b in zip((grads.dq, grads.dk, grads.dv), ref_grads[:3])
                 if a is not None]
         row["err grad"] = max(errs)
-        row["oracle"] = "masked" if mask is not None else ("full" if exact is False else "dense")
+        row["oracle"] = label
     return row
 
 

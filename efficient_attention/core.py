@@ -138,6 +138,12 @@ class AttentionCore:
         approximation of full attention (then the oracle is unmasked)."""
         return None
 
+    def reference(self, q, k, v, dout):
+        """``(out, dq, dk, dv)`` of the same computation by the float64 dense oracle, for
+        cores whose oracle is not a masked attention over ``q, k, v`` alone (added
+        tokens, ...); ``None`` (the default) means: use ``dense_mask``."""
+        return None
+
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
         return f"{type(self).__name__}({cfg})"

@@ -404,6 +404,22 @@ class GlobalAttention(AttentionCore):
         return _patterns.global_tokens(n + self.n_extra,
                                        np.concatenate([np.arange(self.n_extra), g + self.n_extra])).toarray()
 
+    def reference(self, q, k, v, dout):
+        """``(out, dq, dk, dv)`` by ``DenseAttention`` in float64 over the extended sequence
+        ``[extra; original]`` with :meth:`extended_mask`, restricted to the original tokens."""
+        if not self.n_extra:
+            return None
+        q, k, v = self._check(q, k, v, False)
+        e = self.n_extra
+        xq, xk, xv = (np.asarray(a, np.float64) for a in self._extra(q, k, v))
+        qe, ke, ve = (np.concatenate([x, np.asarray(a, np.float64)], -2) for x, a in ((xq, q), (xk, k), (xv, v)))
+        dense = self._dense(q)
+        out, cache = dense.forward(qe, ke, ve, mask=self.extended_mask(q.shape[-2]))
+        g_ext = np.zeros(out.shape)
+        g_ext[..., e:, :] = dout
+        g = dense.backward(cache, g_ext)
+        return out[..., e:, :], g.dq[..., e:, :], g.dk[..., e:, :], g.dv[..., e:, :]
+
     def dense_mask(self, n, m=None):
         m = n if m is None else m
         if m != n:
