@@ -45,6 +45,7 @@ __all__ = [
     "qkv",
     "masks",
     "sparse_masks",
+    "patterns",
     "ELEMENTS",
 ]
 
@@ -147,6 +148,29 @@ def sparse_masks(draw, n: int, m: int, *, empty_rows: bool = True):
     return sp.csr_array(dense)
 
 
-#: alias: a sparse boolean pattern strategy (``patterns(n, m)``)
-patterns = sparse_masks
-__all__.append("patterns")
+@st.composite
+def patterns(draw, n: int, m: int | None = None):
+    """Boolean ``(n, m)`` CSR patterns made by the library's builders (local,
+    strided, global tokens, random, a union of two) or drawn entry by entry,
+    with their arguments drawn by hypothesis (so failures shrink to small
+    windows and strides). ``m`` defaults to ``n``; builders that need a square
+    pattern are only used when ``m == n``."""
+    from . import patterns as P
+    m = n if m is None else m
+
+    def one():
+        kinds = ["entries", "random"] + (["local", "strided", "global"] if m == n else [])
+        kind = draw(st.sampled_from(kinds))
+        if kind == "local":
+            return P.local(n, draw(st.integers(0, n)), causal=draw(st.booleans()))
+        if kind == "strided":
+            window = draw(st.one_of(st.none(), st.integers(0, n)))
+            return P.strided(n, draw(st.integers(1, n + 1)), window, causal=draw(st.booleans()))
+        if kind == "global":
+            return P.global_tokens(n, draw(st.lists(st.integers(0, n - 1), max_size=3, unique=True)))
+        if kind == "random":
+            return P.random(n, draw(st.integers(0, m)), draw(st.integers(0, 2**16)), m=m)
+        return draw(sparse_masks(n, m))
+
+    first = one()
+    return P.union(first, one()) if draw(st.booleans()) else first

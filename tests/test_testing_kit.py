@@ -92,4 +92,14 @@ def test_masks_produce_fully_masked_rows():
         found.append((~mask.any(-1)).any())
     collect()
     assert any(found)
-    assert patterns is sparse_masks
+
+
+@given(st.data())
+def test_patterns_strategy_draws_valid_csr(data):
+    n = data.draw(st.integers(1, 8))
+    m = data.draw(st.sampled_from([n, n + 2]))
+    pat = data.draw(patterns(n, m))
+    assert sp.issparse(pat) and pat.format == "csr" and pat.shape == (n, m) and pat.dtype == bool
+    q, k, v = (np.random.default_rng(0).standard_normal(s) for s in ((n, 3), (m, 3), (m, 2)))
+    dense = ea.DenseAttention()(q, k, v, mask=pat.toarray())
+    np.testing.assert_allclose(ea.DenseAttention()(q, k, v, mask=pat), dense)
