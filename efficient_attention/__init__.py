@@ -36,5 +36,9 @@ from .lowrank import CompressedAttention, LinformerAttention  # noqa: E402
 __all__ += ["LinformerAttention", "CompressedAttention"]
 
 # chapter 4: the multiplication order (issue 4)
+from .feature_maps import EluFeatureMap, FeatureMap, PerformerFeatureMap, RandomFourierFeatureMap  # noqa: E402
+from .linear import EfficientAttention, LinearAttention, LinearState  # noqa: E402
+__all__ += ["EluFeatureMap", "FeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap",
+            "EfficientAttention", "LinearAttention", "LinearState"]
 
 # chapters 5-6 and multi-head layers (issue 8)

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these registered variants (default: all; see --list)")
     p.add_argument("--list", action="store_true", help="list the registered variants and exit")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the GEMM peak")
+    p.add_argument("--blas-threads", type=int, metavar="T",
+                   help="limit BLAS to T threads (threadpoolctl) while timing; on a busy machine one "
+                        "thread avoids OpenBLAS's spin-waiting on small products")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -61,13 +64,30 @@ def main(argv=None) -> int:
         print(f"error: --n values must be >= 1, got {args.n}", file=sys.stderr)
         return 2
 
+    if args.blas_threads is not None and args.blas_threads < 1:
+        print(f"error: --blas-threads must be >= 1, got {args.blas_threads}", file=sys.stderr)
+        return 2
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+            return _run(args, variants)
+    return _run(args, variants)
+
+
+def _run(args, variants) -> int:
+    from efficient_attention import bench
+
     t_start = time.perf_counter()
     peak = None if args.no_peak else bench.gemm_peak()
     print("# efficient_attention: every registered variant, forward and backward\n")
     print(bench.machine_header(with_peak=peak is not None))
+    if args.blas_threads is not None:
+        print(f"- BLAS limited to {args.blas_threads} thread(s) while timing (--blas-threads)")
     print(f"- inputs: {args.dtype}, d = dv = {args.d}, {args.heads} heads, standard normal; "
           f"times are medians of {args.repeat} runs after a warm-up; errors are relative "
-          "(Frobenius) against the float64 dense oracle on the first head\n")
+          "(Frobenius) against the float64 dense oracle on the first head: masked like the variant "
+          "(exact variants), or the attention it approximates (approx.: the error is the "
+          "approximation's)\n")
     rows = []
     for name, variant in variants.items():
         if variant.kind != "core":

@@ -138,6 +138,12 @@ class AttentionCore:
         approximation of full attention (then the oracle is unmasked)."""
         return None
 
+    def reference_mask(self, n: int, m: int | None = None):
+        """For an approximation: the mask of the dense attention it approximates
+        (the causal mask for a causal approximation), ``None`` for full attention.
+        For exact cores it is ``dense_mask``."""
+        return self.dense_mask(n, m)
+
     def reference(self, q, k, v, dout):
         """``(out, dq, dk, dv)`` of the same computation by the float64 dense oracle, for
         cores whose oracle is not a masked attention over ``q, k, v`` alone (added

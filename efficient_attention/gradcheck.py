@@ -40,7 +40,8 @@ def gradcheck(fn, inputs: Sequence, backward: Callable | None = None, *,
         A core (``inputs = (q, k, v)``), a layer (``inputs = (x,)``), or a
         function ``forward(*inputs, **forward_kwargs) -> (out, cache)``
         paired with ``backward(cache, dout)`` returning one gradient per
-        input (a sequence, or a ``Grads`` / ``LayerGrads``).
+        input (a sequence, a ``Grads`` / ``LayerGrads``, or a bare array when
+        there is one input).
     inputs : sequence of arrays
         Converted to float64 copies (the caller's arrays are not touched).
         ``None`` entries are passed through and not checked.
@@ -93,6 +94,8 @@ def gradcheck(fn, inputs: Sequence, backward: Callable | None = None, *,
     elif isinstance(grads, LayerGrads):
         grad_of = {"x": grads.dx, **{f"param.{n}": grads.params[n] for n in params}}
     else:
+        if isinstance(grads, np.ndarray):                   # one input, one bare gradient
+            grads = [grads]
         grad_of = dict(zip(names, grads))
 
     def loss():

@@ -1,0 +1,250 @@
+"""Chapter 4 benchmark: linear attention, non-causal and causal, forward and forward+backward.
+
+Performer (FAVOR+, m = d = 64 positive orthogonal features), float32, 8 heads,
+N = 4096 ... 262144, in one run:
+
+* ``performer``           non-causal: two matrix products (BLAS);
+* ``performer_causal``    causal, the numba prefix-sum scans (``method="scan"``, the default);
+* ``causal chunked``      causal, chunks of 64 (dense masked products + carried state, BLAS);
+* ``causal numpy cumsum`` causal, the NumPy ``cumsum`` reference (blocks of 256 tokens);
+* PyTorch-based linear attention when ``torch`` is importable (not a dependency).
+
+Also ``linear_elu_causal`` (elu + 1 features: no projection). Columns: medians;
+GFLOP/s on the useful FLOPs of ``cost()`` (per head: forward ``4·F·Dv·N``, backward
+``8·F·Dv·N``, plus FAVOR+'s projections ``ωᵀq, ωᵀk``, ``2·N·D·m`` each way per input); the fraction of this
+machine's float32 GEMM peak (``bench.gemm_peak``); ``×N→4N`` the time ratio to
+the row with N/4; peak traced memory of one forward+backward beside the size of
+q, k, v and dout together; the float32 output's relative error against the
+same core in float64 (first head).
+
+Targets (issue 4): N→4N at most 4.4×; causal forward+backward at N = 65536 at
+least 20 % of the float32 GEMM peak; causal peak memory at N = 262144 under 3×
+the size of q, k, v and dout.
+
+``python benchmarks/bench_linear.py [--quick] [--json FILE]``
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from efficient_attention import bench
+from efficient_attention.feature_maps import EluFeatureMap, PerformerFeatureMap
+from efficient_attention.linear import LinearAttention
+
+
+def build(d, m, causal, method, seed=0, fmap="performer"):
+    if fmap == "elu":
+        return LinearAttention(EluFeatureMap(), causal=causal, method=method)
+    omega = PerformerFeatureMap.draw(d, m, seed)
+    return LinearAttention(PerformerFeatureMap(omega), causal=causal, method=method)
+
+
+CONFIGS = [
+    # name, feature map, causal, method, largest N (None: all)
+    ("performer", "performer", False, "auto", None),
+    ("performer_causal (scan)", "performer", True, "scan", None),
+    ("linear_elu_causal (scan)", "elu", True, "scan", None),
+    ("performer causal chunked", "performer", True, "chunked", 65536),
+    ("performer causal numpy cumsum", "performer", True, "numpy", 16384),
+]
+
+
+def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
+    rows, prev = [], None
+    for i, n in enumerate(sizes):
+        q, k, v, dout = bench.random_qkv((heads,), n, d, d, np.float32, seed=1)
+        q *= 0.5                                                  # FAVOR+-friendly scale (‖q′‖ ~ 1.4)
+        k *= 0.5
+        state = {}
+
+        def fwd():
+            state["out"] = core.forward(q, k, v)[0]
+
+        def fwd_bwd():
+            out, cache = core.forward(q, k, v)
+            core.backward(cache, dout)
+
+        reps = repeat if n <= 65536 else max(1, repeat - 1)
+        t_f = bench.median_time(fwd, reps, warmup=1 if i == 0 else 0)
+        t_fb = bench.median_time(fwd_bwd, reps, warmup=1 if i == 0 else 0)
+        cf = core.cost(n, d, d).scaled(heads).flops
+        cb = core.cost(n, d, d, backward=True).scaled(heads).flops
+        inputs_mb = 4 * q.nbytes / 2**20
+        traced = bench.traced_peak(fwd_bwd) / 2**20
+        row = {
+            "variant": name, "N": n,
+            "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
+            "fwd GFLOP/s": cf / t_f / 1e9, "fwd+bwd GFLOP/s": (cf + cb) / t_fb / 1e9,
+            "% peak": 100 * (cf + cb) / t_fb / 1e9 / peak,
+            "×N→4N fwd": float("nan"), "×N→4N fwd+bwd": float("nan"),
+            "peak MB": traced, "qkv+dout MB": inputs_mb, "peak/inputs": traced / inputs_mb,
+            "err vs f64": float("nan"),
+        }
+        if prev is not None and prev["N"] * 4 == n:
+            row["×N→4N fwd"] = row["fwd ms"] / prev["fwd ms"]
+            row["×N→4N fwd+bwd"] = row["fwd+bwd ms"] / prev["fwd+bwd ms"]
+        if n <= check_max_n:
+            ref = core(*(np.asarray(a[:1], np.float64) for a in (q, k, v)))
+            row["err vs f64"] = bench.rel_error(state["out"][:1], ref)
+        rows.append(row)
+        prev = row
+        print(f"  {name} N={n}: fwd {row['fwd ms']:.1f} ms, fwd+bwd {row['fwd+bwd ms']:.1f} ms",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def torch_rows(sizes, heads, d, m, peak, repeat):
+    """Causal linear attention in PyTorch (elu+1 features, cumsum), when torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        q, k, v, dout = (torch.randn(heads, n, d, generator=g) for _ in range(4))
+        q.requires_grad_(True); k.requires_grad_(True); v.requires_grad_(True)
+
+        def fwd():
+            pq = torch.nn.functional.elu(q) + 1
+            pk = torch.nn.functional.elu(k) + 1
+            s = torch.cumsum(pk[..., :, None] * v[..., None, :], dim=-3)
+            z = torch.cumsum(pk, dim=-2)
+            return torch.einsum("hnf,hnfc->hnc", pq, s) / (torch.einsum("hnf,hnf->hn", pq, z)[..., None] + 1e-6)
+
+        def fwd_bwd():
+            fwd().backward(dout)
+
+        try:
+            t_f = bench.median_time(lambda: fwd().detach(), repeat)
+            t_fb = bench.median_time(fwd_bwd, repeat)
+        except RuntimeError as exc:   # out of memory: the cumsum materialises N·F·Dv per head
+            print(f"  torch N={n}: {exc}", file=sys.stderr)
+            break
+        flops = (4 + 8) * d * d * n * heads
+        rows.append({"variant": "torch cumsum (elu)", "N": n, "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
+                     "fwd GFLOP/s": 4 * d * d * n * heads / t_f / 1e9, "fwd+bwd GFLOP/s": flops / t_fb / 1e9,
+                     "% peak": 100 * flops / t_fb / 1e9 / peak})
+    return rows
+
+
+def rss_check(n, heads, d, m, inputs_mb):
+    """Whole-process peak memory of one causal forward+backward in a fresh interpreter.
+
+    Read from ``VmHWM`` in ``/proc/self/status`` (the high-water mark of this
+    process's memory, reset by ``exec``), before and after the call; ``getrusage``'s
+    ``ru_maxrss`` can carry over the parent's peak on Linux and is not used."""
+    here = __file__.rsplit("/", 1)[0]
+    code = (f"import numpy as np, sys\nsys.path.insert(0, {here!r})\n"
+            "from efficient_attention import bench\nfrom bench_linear import build\n"
+            "def hwm():\n"
+            "    for line in open('/proc/self/status'):\n"
+            "        if line.startswith('VmHWM'):\n"
+            "            return int(line.split()[1]) / 1024\n"
+            f"q, k, v, dout = bench.random_qkv(({heads},), {n}, {d}, {d}, np.float32, seed=1)\n"
+            f"core = build({d}, {m}, True, 'scan')\n"
+            "o, c = core.forward(q[:, :64], k[:, :64], v[:, :64]); core.backward(c, dout[:, :64]); del o, c\n"
+            "import gc; gc.collect()\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+            "print('BEFORE', hwm(), rss())\n"
+            "out, cache = core.forward(q, k, v); g = core.backward(cache, dout)\n"
+            "print('AFTER', hwm())\n")
+    try:
+        res = bench.peak_rss(code)
+    except (RuntimeError, OSError) as exc:       # e.g. no /proc
+        print(f"- whole-process peak memory: not measured ({exc})")
+        return
+    words = res["stdout"].split()
+    hwm_before, rss_before = float(words[words.index("BEFORE") + 1]), float(words[words.index("BEFORE") + 2])
+    hwm_after = float(words[words.index("AFTER") + 1])
+    added = hwm_after - rss_before
+    print(f"- whole-process peak memory (fresh interpreter, causal scan, N = {n}, VmHWM): {hwm_after:.0f} MB; "
+          f"resident before the call {rss_before:.0f} MB (interpreter, numba, the inputs; high-water mark "
+          f"{hwm_before:.0f} MB from drawing them) → the call raised the peak to {added:.0f} MB above "
+          f"that = {added / inputs_mb:.2f}× q, k, v, dout ({inputs_mb:.0f} MB)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--n", type=int, nargs="+", help="sequence lengths (default 4096 ... 262144)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d", type=int, default=64, help="d = dv = m (default 64)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rss-only", action="store_true",
+                   help="only the whole-process memory check of the causal scan at the largest N")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="limit BLAS threads (threadpoolctl) for the timed runs; on a busy shared machine "
+                        "1 avoids OpenBLAS threads waiting on each other (default: BLAS's own)")
+    args = p.parse_args(argv)
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(args.blas_threads, "blas"):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args):
+    if args.rss_only:
+        n = max(args.n or [262144])
+        rss_check(n, args.heads, args.d, args.d, 4 * args.heads * n * args.d * 4 / 2**20)
+        return 0
+    if args.quick:
+        sizes, heads, d, repeat = [128, 512], 2, 16, 1
+    else:
+        sizes, heads, d, repeat = args.n or [4096, 16384, 65536, 262144], args.heads, args.d, args.repeat
+    m = d
+    t0 = time.perf_counter()
+    peak_info = bench.gemm_peak()
+    peak = peak_info["float32"]
+    print("# Chapter 4: linear attention (Performer FAVOR+), forward and forward+backward\n")
+    print(bench.machine_header(with_peak=True))
+    print(f"- BLAS threads for the timed runs: {args.blas_threads or 'default'} "
+          f"(the GEMM peak above uses BLAS's default)")
+    print(f"- float32, d = dv = m = {d}, {heads} heads, q and k standard normal × 0.5, v and dout standard "
+          f"normal; times are medians of {repeat} runs ({max(1, repeat - 1)} above N = 65536); "
+          "the machine is shared, so compare rows of one run\n")
+    rows = []
+    for name, fmap, causal, method, max_n in CONFIGS:
+        core = build(d, m, causal, method, fmap=fmap)
+        ns = [n for n in sizes if max_n is None or n <= max_n or args.quick]
+        rows += run_config(name, core, ns, heads, d, m, peak, repeat, check_max_n=16384)
+    trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat)
+    cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
+            "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
+    print(bench.markdown_table(rows + (trows or []), cols))
+    if trows is None:
+        print("\nPyTorch: not installed (optional peer; not benchmarked).")
+
+    # targets
+    scan = [r for r in rows if r["variant"].endswith("_causal (scan)")]
+    lin = [r for r in rows if r["variant"] in ("performer", "performer_causal (scan)", "linear_elu_causal (scan)")]
+    worst = max([r[c] for r in lin for c in ("×N→4N fwd", "×N→4N fwd+bwd") if r[c] == r[c]], default=float("nan"))
+    at64k = [r for r in scan if r["N"] == 65536]
+    big = [r for r in scan if r["N"] == max(sizes)][:1]
+    print("\n## Targets" + (" (--quick: sizes far too small to judge them)" if args.quick else ""))
+    print(f"- time linear in N (N→4N ≤ 4.4×, the three scan/BLAS rows): worst {worst:.2f}× "
+          f"→ {'met' if worst <= 4.4 else 'NOT met'}")
+    for r in at64k:
+        print(f"- {r['variant']} fwd+bwd at N = 65536: {r['fwd+bwd GFLOP/s']:.1f} GFLOP/s = {r['% peak']:.1f}% of "
+              f"the float32 GEMM peak {peak:.1f} GFLOP/s → {'met' if r['% peak'] >= 20 else 'NOT met'} (target 20%)")
+    if big:
+        r = big[0]
+        print(f"- causal peak traced memory at N = {r['N']}: {r['peak MB']:.0f} MB = {r['peak/inputs']:.2f}× "
+              f"q, k, v, dout ({r['qkv+dout MB']:.0f} MB) → {'met' if r['peak/inputs'] < 3 else 'NOT met'} "
+              "(target < 3×)")
+        if not args.quick:
+            rss_check(r["N"], heads, d, m, r["qkv+dout MB"])
+    print(f"\n(total {time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        bench.write_json(args.json, {"gemm_peak": peak_info, "rows": rows + (trows or [])})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

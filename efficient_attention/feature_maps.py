@@ -1,0 +1,396 @@
+r"""Chapter 4 — feature maps: the kernels that linear attention factorises.
+
+Softmax attention weighs key ``j`` for query ``i`` by ``exp(q_iᵀk_j/√D)``.
+Linear attention (:mod:`efficient_attention.linear`) replaces that weight by a
+dot product of *features*,
+
+.. math::
+
+    \operatorname{sim}(q, k) = \varphi(q)^\top \varphi(k),\qquad
+    \varphi: \mathbb{R}^D \to \mathbb{R}^F,
+
+so that the sum over keys can be taken *before* the queries arrive. This
+module holds the feature maps ``φ``; each has ``forward(x) -> (phi, cache)``
+with ``x (..., N, D)`` and ``phi (..., N, F)``, ``backward(cache, dphi) -> dx``,
+``n_features(d)`` (``F`` for inputs of width ``D``) and ``params`` (``{}``:
+none of them learns).
+
+* ``EluFeatureMap``: ``φ(x) = elu(x) + 1``, ``F = D`` (Katharopoulos et al. 2020,
+  arXiv:2006.16236, §3.2);
+* ``PerformerFeatureMap``: ``φ(x) = exp(ωᵀx′ − ‖x′‖²/2)/√m`` with ``x′ = x·D^(-1/4)``,
+  ``F = m`` (FAVOR+, Choromanski et al. 2021, arXiv:2009.14794, §2.3);
+* ``RandomFourierFeatureMap``: ``φ(x) = [sin(ωᵀx̂), cos(ωᵀx̂)]/√m`` with ``x̂ = x/‖x‖``,
+  ``F = 2m`` (RFA, Peng et al. 2021, arXiv:2103.02143, §2).
+
+**Why FAVOR+ is unbiased.** For ``ω ~ N(0, I_D)``,
+``E[exp(ωᵀa)] = exp(‖a‖²/2)``, hence
+
+.. math::
+
+    \mathbb{E}_\omega\!\left[e^{\omega^\top q' - \|q'\|^2/2}\,
+    e^{\omega^\top k' - \|k'\|^2/2}\right]
+    = e^{\|q'+k'\|^2/2 - \|q'\|^2/2 - \|k'\|^2/2} = e^{q'^\top k'} = e^{q^\top k/\sqrt{D}}.
+
+Every feature is positive, so the normaliser of linear attention never
+changes sign (the trigonometric features of RFA can, and then the output can
+blow up). Orthogonal rows (``draw(..., orthogonal=True)``: blocks of ``D``
+orthonormal rows, each scaled by an independent chi(D) norm so that each row
+is still marginally ``N(0, I_D)``) keep the estimate unbiased and lower its
+variance (§2.4 of the paper).
+
+**Stabilisation.** ``exp`` of ``ωᵀx′ − ‖x′‖²/2`` can under- or overflow.
+:meth:`PerformerFeatureMap.forward` returns the exact features; linear
+attention instead calls ``_stable(x, shift)``, which returns ``φ̂ = φ·e^{-s}``
+and the log-scale ``s``: per row for queries (``shift="row"``), one value per
+sequence for keys (``"shared"``: the maximum over the keys, non-causal), or
+the data-independent bound ``s = max_r ‖ω_r‖²/2 ≥ ωᵀx′ − ‖x′‖²/2``
+(``"bound"``, used by causal attention: it cannot depend on future tokens).
+Linear attention multiplies its ``eps`` by ``e^{-(s_q + s_k)}`` in exchange,
+so the stabiliser cancels *exactly*, ``eps`` included (see ``linear.py``).
+Peers subtract a maximum over all keys in causal mode as well, which makes
+a causal output depend on future keys (PEERS.md); we do not.
+
+**Where peers differ.** performer-pytorch and the paper default to
+``m = D·ln D`` features and redraw ``ω`` during training; we draw once from
+``seed`` and never redraw (call ``draw`` again to redraw). RFA also gates
+and learns ``σ``; we take ``ω`` as given (``draw(..., sigma=...)``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .validate import as_float_array, check_int, check_real
+
+__all__ = ["FeatureMap", "EluFeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap"]
+
+
+def _check_x(x, name: str = "x", d: int | None = None, what: str = "") -> np.ndarray:
+    x = as_float_array(x, name)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have shape (..., D) with at least 1 axis, got shape {x.shape}")
+    if d is not None and x.shape[-1] != d:
+        raise ValueError(f"{name} must have feature width D = {d}{what}, got shape {x.shape}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} must have feature width D >= 1, got shape {x.shape}")
+    return x
+
+
+def _check_omega(omega, name: str = "omega") -> np.ndarray:
+    """``omega`` as a finite float (m, d) array with m >= 1, d >= 1 (kept in its own dtype)."""
+    omega = as_float_array(omega, name)
+    if omega.ndim != 2:
+        raise ValueError(f"{name} must have shape (m, D), got shape {omega.shape}")
+    if omega.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one row (m >= 1 random features), got shape {omega.shape}")
+    if omega.shape[1] < 1:
+        raise ValueError(f"{name} must have D >= 1 columns, got shape {omega.shape}")
+    if not np.isfinite(omega).all():
+        raise ValueError(f"{name} must contain only finite values")
+    return omega
+
+
+class FeatureMap:
+    """Base class: ``φ`` applied to the last axis, ``(..., N, D) -> (..., N, F)``."""
+
+    #: whether ``_stable`` uses its ``shift`` (False: the log-scale is always 0)
+    stabilised: bool = False
+
+    @property
+    def params(self) -> dict:
+        """Learnable parameters (none for the maps of this module)."""
+        return {}
+
+    def n_features(self, d: int) -> int:  # pragma: no cover - abstract
+        """``F``, the width of ``φ(x)`` for inputs of width ``d``."""
+        raise NotImplementedError
+
+    def check_width(self, d: int, name: str = "x") -> None:
+        """Raise ``ValueError`` if inputs of width ``d`` do not fit this map."""
+
+    def flops(self, n: int, d: int, *, backward: bool = False) -> int:
+        """FLOPs of the map's matrix products for ``n`` rows of width ``d``
+        (elementwise work such as ``exp`` is not counted; 0 for elu + 1)."""
+        return 0
+
+    def forward(self, x, *, check_finite: bool = False):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, cache, dphi):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)[0]
+
+    def _stable(self, x: np.ndarray, shift: str):
+        """``(phi_hat, log_scale, cache)`` with ``phi = phi_hat * exp(log_scale)``.
+
+        ``log_scale`` is None (zero), or ``(..., N)`` for ``shift="row"``, or
+        ``(...)`` for ``"shared"`` and ``"bound"``. ``backward(cache, dphi_hat)``
+        differentiates ``phi_hat`` with the log-scale held constant, which is the
+        exact gradient of any quantity the log-scale cancels from.
+        """
+        phi, cache = self.forward(x)
+        return phi, None, cache
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+# --------------------------------------------------------------------------- elu + 1
+class _EluCache(NamedTuple):
+    phi: np.ndarray      # (..., N, D); φ'(x) = min(φ, 1)
+
+
+class EluFeatureMap(FeatureMap):
+    r"""``φ(x) = elu(x) + 1``: ``x + 1`` for ``x > 0``, ``eˣ`` otherwise (``F = D``).
+
+    Katharopoulos et al. 2020, "Transformers are RNNs", arXiv:2006.16236, §3.2.
+    Positive everywhere, so the normaliser of linear attention is positive.
+    The derivative is ``1`` for ``x > 0`` and ``eˣ = φ(x)`` otherwise, i.e.
+    ``min(φ(x), 1)``: the cache keeps ``φ`` alone.
+    """
+
+    def n_features(self, d):
+        return int(d)
+
+    def forward(self, x, *, check_finite: bool = False):
+        x = _check_x(x)
+        if check_finite and not np.isfinite(x).all():
+            raise ValueError("x must contain only finite values (check_finite=True)")
+        phi = np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))     # elu(x) + 1   (..., N, D)
+        return phi, _EluCache(phi)
+
+    def backward(self, cache: _EluCache, dphi):
+        return dphi * np.minimum(cache.phi, 1)                     # dx = dφ · min(φ, 1)
+
+
+# --------------------------------------------------------------------------- FAVOR+
+class _PerformerCache(NamedTuple):
+    x: np.ndarray        # the input (a reference, no copy; x' = x·D^(-1/4) is recomputed)
+    phi: np.ndarray      # exp(h - s)/√m            (..., N, F)
+    omega: np.ndarray    # (m, D) in the computation dtype
+
+
+class PerformerFeatureMap(FeatureMap):
+    r"""FAVOR+ positive random features of the softmax kernel.
+
+    .. math::
+
+        \varphi(x)_r = \frac{1}{\sqrt m}\exp\!\big(\omega_r^\top x' - \tfrac12\|x'\|^2\big),
+        \qquad x' = x\,D^{-1/4},
+
+    so that ``E[φ(q)ᵀφ(k)] = exp(qᵀk/√D)`` exactly (Choromanski et al. 2021,
+    arXiv:2009.14794, Lemma 1). ``kind="hyperbolic"`` uses ``±ω``
+    (``F = 2m``, ``φ = [e^{ωᵀx′}, e^{-ωᵀx′}]·e^{-‖x′‖²/2}/√(2m)``), also
+    positive and unbiased, with lower variance.
+
+    Parameters
+    ----------
+    omega : (m, D) float array
+        The random projections, drawn by :meth:`draw`. Not learnable: kept as
+        given (``params`` is empty) and cast to the inputs' dtype per call.
+    kind : {"positive", "hyperbolic"}
+    """
+
+    stabilised = True
+    KINDS = ("positive", "hyperbolic")
+
+    def __init__(self, omega, kind: str = "positive"):
+        self.omega = _check_omega(omega)
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+
+    @classmethod
+    def draw(cls, d: int, m: int, seed: int = 0, orthogonal: bool = True) -> np.ndarray:
+        """Random ``omega`` of shape ``(m, d)``, float64, every row marginally ``N(0, I_d)``.
+
+        ``orthogonal=True``: blocks of ``d`` rows orthonormal within the block
+        (QR of a Gaussian matrix, sign-corrected so the block is Haar
+        distributed), each row rescaled by an independent chi(d) norm (the norm
+        of a fresh Gaussian vector); the last block is truncated to fill ``m``.
+        """
+        d = check_int(d, "d", minimum=1)
+        m = check_int(m, "m", minimum=1)
+        seed = check_int(seed, "seed", minimum=0)
+        if not isinstance(orthogonal, (bool, np.bool_)):
+            raise TypeError(f"orthogonal must be True or False, got {type(orthogonal).__name__}")
+        rng = np.random.default_rng(seed)
+        if not orthogonal:
+            return rng.standard_normal((m, d))
+        blocks = []
+        for _ in range(-(-m // d)):
+            g = rng.standard_normal((d, d))
+            qmat, r = np.linalg.qr(g)
+            qmat = qmat * np.sign(np.diag(r))[None, :]              # Haar: fix the QR sign ambiguity
+            blocks.append(qmat.T)                                   # rows orthonormal   (d, d)
+        rows = np.concatenate(blocks, axis=0)[:m]                   # (m, d)
+        norms = np.linalg.norm(rng.standard_normal((m, d)), axis=1)  # chi(d) lengths    (m,)
+        return rows * norms[:, None]
+
+    def n_features(self, d):
+        m = self.omega.shape[0]
+        return 2 * m if self.kind == "hyperbolic" else m
+
+    def check_width(self, d, name="x"):
+        if d != self.omega.shape[1]:
+            raise ValueError(f"{name} must have feature width D = {self.omega.shape[1]} "
+                             f"(omega has shape {self.omega.shape}), got D = {d}")
+
+    def _config(self):
+        return {"omega": f"array{self.omega.shape}", "kind": self.kind}
+
+    def flops(self, n, d, *, backward=False):
+        """``x′ωᵀ`` forward and ``dh·ω`` backward: ``2·n·d·m`` each."""
+        return 2 * n * d * self.omega.shape[0]
+
+    def __repr__(self):
+        return f"PerformerFeatureMap(omega=<{self.omega.shape[0]}x{self.omega.shape[1]}>, kind={self.kind!r})"
+
+    def _exponent(self, x):
+        """``h = ωᵀx′ − ‖x′‖²/2`` (both signs for hyperbolic), ``x′`` and ``ω`` in x's dtype."""
+        d = x.shape[-1]
+        omega = self.omega.astype(x.dtype, copy=False)
+        xs = x * x.dtype.type(d ** -0.25)                            # x' = x·D^(-1/4)   (..., N, D)
+        proj = xs @ omega.T                                          # ωᵀx'              (..., N, m)
+        if self.kind == "hyperbolic":
+            proj = np.concatenate([proj, -proj], axis=-1)            # ±ωᵀx'             (..., N, 2m)
+        half_sq = 0.5 * np.einsum("...d,...d->...", xs, xs)         # ‖x'‖²/2           (..., N)
+        proj -= half_sq[..., None]                                   # h (in place: memory is O(N·F))
+        return proj, xs, omega
+
+    def _bound(self, dtype):
+        """``max_r ‖ω_r‖²/2``: no exponent ``ωᵀx′ − ‖x′‖²/2`` can exceed it (complete the square)."""
+        return float(0.5 * np.max(np.einsum("md,md->m", self.omega, self.omega)))
+
+    def _norm(self, x):
+        m = self.omega.shape[0]
+        return x.dtype.type((2 * m if self.kind == "hyperbolic" else m) ** -0.5)
+
+    def forward(self, x, *, check_finite: bool = False):
+        """Exact features ``φ(x)`` ``(..., N, F)`` (no stabiliser)."""
+        return self._forward(x, None, check_finite)[::2]
+
+    def _forward(self, x, shift, check_finite=False):
+        x = _check_x(x)
+        self.check_width(x.shape[-1])
+        if check_finite and not np.isfinite(x).all():
+            raise ValueError("x must contain only finite values (check_finite=True)")
+        h, xs, omega = self._exponent(x)                             # (..., N, F)
+        if shift is None:
+            s = None
+        elif shift == "row":
+            s = h.max(axis=-1) if h.shape[-1] else np.zeros(h.shape[:-1], x.dtype)   # (..., N)
+        elif shift == "shared":
+            s = h.max(axis=(-2, -1)) if h.shape[-2] else np.zeros(h.shape[:-2], x.dtype)  # (...)
+        elif shift == "bound":
+            s = np.full(h.shape[:-2], self._bound(x.dtype), x.dtype)   # data-independent (...)
+        else:
+            raise ValueError(f"shift must be None, 'row', 'shared' or 'bound', got {shift!r}")
+        del xs
+        if s is not None:                                            # h − s, in place
+            h -= s[..., None] if shift == "row" else s[..., None, None]
+        phi = np.exp(h, out=h)                                       # φ̂ = e^{h - s}
+        phi *= self._norm(x)                                         #     / √m
+        return phi, s, _PerformerCache(x, phi, omega)
+
+    def _stable(self, x, shift):
+        return self._forward(x, shift)
+
+    def backward(self, cache: _PerformerCache, dphi):
+        x, phi, omega = cache
+        c = x.dtype.type(x.shape[-1] ** -0.25)
+        dh = dphi * phi                                              # ∂φ/∂h = φ
+        m = omega.shape[0]
+        if self.kind == "hyperbolic":
+            dproj = dh[..., :m] - dh[..., m:]                        # h = [p, -p] - ‖x'‖²/2
+        else:
+            dproj = dh
+        dxs = dproj @ omega                                          # dh·ω               (..., N, D)
+        radial = x * (c * dh.sum(axis=-1))[..., None]                # (Σ_r dh_r)·x'
+        del dh, dproj
+        dxs -= radial                                                # dx' = dh·ω − (Σ_r dh_r)·x'
+        dxs *= c                                                     # dx = dx'·D^(-1/4)
+        return dxs
+
+
+# --------------------------------------------------------------------------- RFA
+class _RffCache(NamedTuple):
+    xhat: np.ndarray     # x/‖x‖         (..., N, D)
+    norm: np.ndarray     # ‖x‖ (floored) (..., N)
+    sin: np.ndarray      # sin(ωᵀx̂)     (..., N, m)
+    cos: np.ndarray      # cos(ωᵀx̂)     (..., N, m)
+    omega: np.ndarray    # (m, D) in the computation dtype
+
+
+class RandomFourierFeatureMap(FeatureMap):
+    r"""Random Fourier features of the normalised input (random feature attention).
+
+    .. math::
+
+        \varphi(x) = \frac{1}{\sqrt m}\big[\sin(\omega^\top \hat x),\ \cos(\omega^\top \hat x)\big],
+        \qquad \hat x = x/\|x\|,
+
+    so that for ``ω ~ N(0, σ²I)``, ``E[φ(q)ᵀφ(k)] = E cos(ωᵀ(q̂ − k̂)) =
+    exp(−σ²‖q̂ − k̂‖²/2) = e^{−σ²}·exp(σ² q̂ᵀk̂)``: a softmax kernel with
+    temperature ``σ²`` on unit vectors (the constant cancels in the
+    normalisation). Peng et al. 2021, arXiv:2103.02143, §2–3. ``F = 2m``.
+
+    Features can be negative, so a normaliser can come out near zero for
+    small ``m`` (the output then blows up); FAVOR+ features cannot.
+    A zero row ``x`` maps to ``x̂ = 0`` (its norm is floored at
+    ``sqrt(tiny)`` of the dtype).
+    """
+
+    def __init__(self, omega):
+        self.omega = _check_omega(omega)
+
+    @classmethod
+    def draw(cls, d: int, m: int, seed: int = 0, sigma: float = 1.0) -> np.ndarray:
+        """``omega ~ N(0, σ² I_d)`` of shape ``(m, d)``, float64."""
+        d = check_int(d, "d", minimum=1)
+        m = check_int(m, "m", minimum=1)
+        seed = check_int(seed, "seed", minimum=0)
+        sigma = check_real(sigma, "sigma", minimum=0.0, strict=True)
+        return sigma * np.random.default_rng(seed).standard_normal((m, d))
+
+    def n_features(self, d):
+        return 2 * self.omega.shape[0]
+
+    def check_width(self, d, name="x"):
+        if d != self.omega.shape[1]:
+            raise ValueError(f"{name} must have feature width D = {self.omega.shape[1]} "
+                             f"(omega has shape {self.omega.shape}), got D = {d}")
+
+    def flops(self, n, d, *, backward=False):
+        """``x̂ωᵀ`` forward and ``du·ω`` backward: ``2·n·d·m`` each."""
+        return 2 * n * d * self.omega.shape[0]
+
+    def __repr__(self):
+        return f"RandomFourierFeatureMap(omega=<{self.omega.shape[0]}x{self.omega.shape[1]}>)"
+
+    def forward(self, x, *, check_finite: bool = False):
+        x = _check_x(x)
+        self.check_width(x.shape[-1])
+        if check_finite and not np.isfinite(x).all():
+            raise ValueError("x must contain only finite values (check_finite=True)")
+        omega = self.omega.astype(x.dtype, copy=False)
+        floor = np.sqrt(np.finfo(x.dtype).tiny)
+        norm = np.maximum(np.sqrt(np.einsum("...d,...d->...", x, x)), floor)   # ‖x‖      (..., N)
+        xhat = x / norm[..., None]                                             # x̂        (..., N, D)
+        u = xhat @ omega.T                                                     # ωᵀx̂      (..., N, m)
+        s, c = np.sin(u), np.cos(u)
+        scale = x.dtype.type(omega.shape[0] ** -0.5)
+        phi = np.concatenate([s, c], axis=-1) * scale                          # (..., N, 2m)
+        return phi, _RffCache(xhat, norm, s, c, omega)
+
+    def backward(self, cache: _RffCache, dphi):
+        xhat, norm, s, c, omega = cache
+        m = omega.shape[0]
+        scale = xhat.dtype.type(m ** -0.5)
+        du = (dphi[..., :m] * c - dphi[..., m:] * s) * scale                  # d sin = cos, d cos = −sin
+        dxhat = du @ omega                                                     # (..., N, D)
+        radial = np.einsum("...d,...d->...", xhat, dxhat)[..., None]
+        return (dxhat - xhat * radial) / norm[..., None]                       # dx = (I − x̂x̂ᵀ)dx̂/‖x‖
