@@ -26,6 +26,8 @@ __all__ += ["DenseAttention", "causal_mask"]
 from . import patterns  # noqa: E402
 from .sparse import GlobalAttention, SparseAttention  # noqa: E402
 __all__ += ["patterns", "SparseAttention", "GlobalAttention"]
+from .local import LocalAttention, StridedAttention  # noqa: E402
+__all__ += ["LocalAttention", "StridedAttention"]
 
 # chapter 2: clustered patterns (issue 6)
 
@@ -42,3 +44,9 @@ __all__ += ["EluFeatureMap", "FeatureMap", "PerformerFeatureMap", "RandomFourier
             "EfficientAttention", "LinearAttention", "LinearState"]
 
 # chapters 5-6 and multi-head layers (issue 8)
+from .layers import MultiHeadAttention, bigbird_heads, longformer_heads  # noqa: E402
+from .synthesizer import DenseSynthesizer, FactorizedRandomSynthesizer, RandomSynthesizer  # noqa: E402
+from .mixers import FourierMixer, GatedMLP, SpatialGatingUnit, TokenMixingMLP  # noqa: E402
+__all__ += ["MultiHeadAttention", "longformer_heads", "bigbird_heads",
+            "DenseSynthesizer", "RandomSynthesizer", "FactorizedRandomSynthesizer",
+            "FourierMixer", "TokenMixingMLP", "SpatialGatingUnit", "GatedMLP"]
