@@ -32,6 +32,8 @@ __all__ += ["LocalAttention", "StridedAttention"]
 # chapter 2: clustered patterns (issue 6)
 
 # chapter 2: learned patterns (issue 7)
+from .sinkhorn import SinkhornAttention  # noqa: E402
+__all__ += ["SinkhornAttention"]
 
 # chapter 3: no N x N matrix (issue 5)
 from .lowrank import CompressedAttention, LinformerAttention  # noqa: E402
