@@ -11,7 +11,9 @@ The class is the label token's; the model must carry it from wherever it is
 see that far (a local window) stays at chance (25 %); the task needs content-
 based long-range retrieval, which every "efficient" variant claims to keep.
 
-**Model.** Embedding (V × D) → one sequence layer with a residual
+**Model.** Token embedding (V × D) plus a type embedding (query / label /
+noise, like BERT's segment embeddings, so that "this is a label" is one
+learnable direction shared by the classes) → one sequence layer with a residual
 (``y = h + layer(h)``; for attention cores: ``MultiHeadAttention`` with the
 variant's core on every head) → the last position's vector → linear
 classifier. Trained with the library's own backward passes and Adam written
@@ -39,6 +41,7 @@ N_CLASSES = 4
 N_NOISE = 16
 QUERY = 0                                   # token ids: 0 query, 1..C labels, C+1.. noise
 VOCAB = 1 + N_CLASSES + N_NOISE
+TYPE_OF = np.array([0] + [1] * N_CLASSES + [2] * N_NOISE)   # token id -> type: query, label, noise
 
 
 def make_batch(rng, batch, n):
@@ -58,16 +61,17 @@ class Model:
         rng = np.random.default_rng(seed)
         self.layer = layer
         self.emb = rng.standard_normal((VOCAB, d))
+        self.type_emb = rng.standard_normal((3, d))                 # query / label / noise, as BERT's segments
         self.w = rng.standard_normal((d, N_CLASSES)) / np.sqrt(d)
         self.b = np.zeros(N_CLASSES)
 
     @property
     def params(self):
-        return {"emb": self.emb, "w": self.w, "b": self.b,
+        return {"emb": self.emb, "type_emb": self.type_emb, "w": self.w, "b": self.b,
                 **{f"layer.{k}": v for k, v in self.layer.params.items()}}
 
     def logits(self, tokens):
-        h = self.emb[tokens].astype(np.float32)                     # (B, N, D)
+        h = (self.emb[tokens] + self.type_emb[TYPE_OF[tokens]]).astype(np.float32)   # (B, N, D)
         y, cache = self.layer.forward(h)
         z = h[:, -1] + y[:, -1]                                     # residual, last position (B, D)
         return z @ self.w.astype(np.float32) + self.b, (tokens, h, cache, z)
@@ -89,9 +93,12 @@ class Model:
         lg = self.layer.backward(cache, dy)
         dh = lg.dx
         dh[:, -1] += dz                                             # the residual path
+        dh = dh.astype(np.float64)
         demb = np.zeros_like(self.emb)
-        np.add.at(demb, tokens, dh.astype(np.float64))              # scatter into the embedding rows
-        grads["emb"] = demb
+        np.add.at(demb, tokens, dh)                                 # scatter into the embedding rows
+        dtype_emb = np.zeros_like(self.type_emb)
+        np.add.at(dtype_emb, TYPE_OF[tokens], dh)
+        grads["emb"], grads["type_emb"] = demb, dtype_emb
         grads.update({f"layer.{k}": v for k, v in lg.params.items()})
         return loss, grads
 
@@ -185,6 +192,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", metavar="NAME")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--chart", metavar="PNG")
+    p.add_argument("--markdown", metavar="FILE", help="also write the header and table as Markdown")
     args = p.parse_args(argv)
     variants = ea.registry()
     names = args.variants or list(variants)
@@ -193,9 +201,10 @@ def main(argv=None):
         names = args.variants or [n for n in ("dense", "local", "mha_dense") if n in variants]
     else:
         sizes, steps = args.n, args.steps
-    print(bench.machine_header())
-    print(f"- marker retrieval: C = {N_CLASSES} classes (chance {100 / N_CLASSES:.0f} %), "
-          f"{steps} Adam steps of batch 16, d = 32, 2 heads, float32, seeds fixed\n")
+    header = (bench.machine_header() + f"\n- marker retrieval: C = {N_CLASSES} classes (chance "
+              f"{100 / N_CLASSES:.0f} %), {steps} Adam steps of batch 16, d = 32, 2 heads, float32, "
+              "seeds fixed\n")
+    print(header)
     rows = []
     for n in sizes:
         for name in names:
@@ -209,7 +218,11 @@ def main(argv=None):
                                          if "accuracy" in row else row["error"]),
                   file=sys.stderr, flush=True)
     cols = ["variant", "N", "accuracy", "ms/step", "peak MB", "first loss", "last loss", "error"]
-    print(bench.markdown_table(rows, cols))
+    table = bench.markdown_table(rows, cols)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(f"Command: `python {' '.join(sys.argv)}`\n\n{header}\n{table}\n")
     if args.json:
         bench.write_json(args.json, {"rows": rows, "steps": steps})
     if args.chart:
