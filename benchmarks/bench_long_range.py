@@ -17,7 +17,7 @@ learnable direction shared by the classes) → one sequence layer with a residua
 (``y = h + layer(h)``; for attention cores: ``MultiHeadAttention`` with the
 variant's core on every head) → the last position's vector → linear
 classifier. Trained with the library's own backward passes and Adam written
-in NumPy (lr 5e-3, batch 16), float32, fixed seeds (data, parameters and
+in NumPy (lr 5e-3, batch 16 by default), float32, fixed seeds (data, parameters and
 variants): the same command gives the same numbers up to floating-point
 summation order.
 
@@ -42,6 +42,9 @@ N_NOISE = 16
 QUERY = 0                                   # token ids: 0 query, 1..C labels, C+1.. noise
 VOCAB = 1 + N_CLASSES + N_NOISE
 TYPE_OF = np.array([0] + [1] * N_CLASSES + [2] * N_NOISE)   # token id -> type: query, label, noise
+
+
+COLUMNS = ["variant", "N", "accuracy", "ms/step", "peak MB", "first loss", "last loss", "error"]
 
 
 def make_batch(rng, batch, n):
@@ -193,7 +196,29 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--chart", metavar="PNG")
     p.add_argument("--markdown", metavar="FILE", help="also write the header and table as Markdown")
+    p.add_argument("--batch", type=int, default=16, help="sequences per training step (default 16)")
+    p.add_argument("--blas-threads", type=int, metavar="T", help="limit BLAS to T threads (threadpoolctl)")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="no training: merge the rows of earlier --json runs into one table / chart")
     args = p.parse_args(argv)
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=args.blas_threads, user_api="blas")
+    if args.from_json:
+        import json
+        rows, notes = [], []
+        for path in args.from_json:
+            payload = json.load(open(path))
+            rows += payload["rows"]
+            notes.append(f"- {path}: {payload.get('command', '?')}")
+        table = bench.markdown_table(rows, COLUMNS)
+        print("\n".join(notes) + "\n\n" + table)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write("Merged from:\n\n" + "\n".join(notes) + "\n\n" + table + "\n")
+        if args.chart:
+            draw_chart(rows, args.chart)
+        return
     variants = ea.registry()
     names = args.variants or list(variants)
     if args.quick:
@@ -202,7 +227,7 @@ def main(argv=None):
     else:
         sizes, steps = args.n, args.steps
     header = (bench.machine_header() + f"\n- marker retrieval: C = {N_CLASSES} classes (chance "
-              f"{100 / N_CLASSES:.0f} %), {steps} Adam steps of batch 16, d = 32, 2 heads, float32, "
+              f"{100 / N_CLASSES:.0f} %), {steps} Adam steps of batch {args.batch}, d = 32, 2 heads, float32, "
               "seeds fixed\n")
     print(header)
     rows = []
@@ -210,21 +235,20 @@ def main(argv=None):
         for name in names:
             row = {"variant": name, "N": n}
             try:
-                row.update(train_variant(variants[name], n, steps=steps))
+                row.update(train_variant(variants[name], n, steps=steps, batch=args.batch))
             except Exception as exc:              # report, do not hide: the row says what failed
                 row["error"] = f"{type(exc).__name__}: {exc}"[:120]
             rows.append(row)
+            if args.json:               # after every row, so a long run's partial results survive
+                bench.write_json(args.json, {"rows": rows, "steps": steps, "command": " ".join(sys.argv)})
             print(f"  N={n} {name}: " + (f"acc {row['accuracy']:.3f}, {row['ms/step']:.1f} ms/step"
                                          if "accuracy" in row else row["error"]),
                   file=sys.stderr, flush=True)
-    cols = ["variant", "N", "accuracy", "ms/step", "peak MB", "first loss", "last loss", "error"]
-    table = bench.markdown_table(rows, cols)
+    table = bench.markdown_table(rows, COLUMNS)
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(f"Command: `python {' '.join(sys.argv)}`\n\n{header}\n{table}\n")
-    if args.json:
-        bench.write_json(args.json, {"rows": rows, "steps": steps})
     if args.chart:
         draw_chart(rows, args.chart)
         print(f"\nchart: {args.chart}")
