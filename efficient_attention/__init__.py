@@ -52,3 +52,11 @@ from .mixers import FourierMixer, GatedMLP, SpatialGatingUnit, TokenMixingMLP  #
 __all__ += ["MultiHeadAttention", "longformer_heads", "bigbird_heads",
             "DenseSynthesizer", "RandomSynthesizer", "FactorizedRandomSynthesizer",
             "FourierMixer", "TokenMixingMLP", "SpatialGatingUnit", "GatedMLP"]
+
+
+def __getattr__(name):
+    """``ea.testing`` (needs hypothesis) and ``ea.bench`` load on first use."""
+    if name in ("testing", "bench"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
