@@ -30,6 +30,9 @@ from .local import LocalAttention, StridedAttention  # noqa: E402
 __all__ += ["LocalAttention", "StridedAttention"]
 
 # chapter 2: clustered patterns (issue 6)
+from .lsh import LSHAttention  # noqa: E402
+from .routing import RoutingAttention, kmeans_update  # noqa: E402
+__all__ += ["LSHAttention", "RoutingAttention", "kmeans_update"]
 
 # chapter 2: learned patterns (issue 7)
 from .sinkhorn import SinkhornAttention  # noqa: E402

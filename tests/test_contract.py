@@ -5,12 +5,12 @@ import pytest
 import efficient_attention as ea
 
 CORES = ["DenseAttention", "SparseAttention", "LocalAttention", "StridedAttention", "GlobalAttention",
-         "SinkhornAttention", "LinformerAttention", "CompressedAttention", "LinearAttention",
+         "SinkhornAttention", "LSHAttention", "RoutingAttention", "LinformerAttention", "CompressedAttention", "LinearAttention",
          "EfficientAttention"]
 LAYERS = ["MultiHeadAttention", "DenseSynthesizer", "RandomSynthesizer", "FactorizedRandomSynthesizer",
           "FourierMixer", "TokenMixingMLP", "SpatialGatingUnit"]
 OTHERS = ["Grads", "LayerGrads", "Cost", "EluFeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap",
-          "gradcheck", "patterns", "registry"]
+          "gradcheck", "patterns", "registry", "kmeans_update"]
 
 
 @pytest.mark.parametrize("name", CORES + LAYERS + OTHERS)
