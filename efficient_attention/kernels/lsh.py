@@ -33,8 +33,9 @@ Engine
   item ``c`` writes keys of chunks ``c`` and ``c - 1`` only, so items of one
   parity never touch the same key row (race-free ``+=`` without buffers).
 * score blocks go through BLAS (``np.dot`` on gathered contiguous blocks);
-  the exponentials use numba's scalar ``exp`` (no SVML here), about a third
-  of the kernel time at chunk 64.
+  the rows' exponentials use the vectorisable ``exp_inplace`` of
+  :mod:`efficient_attention.kernels.fastexp` (numba's ``exp`` is a scalar
+  libm call here, no SVML).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
+from .fastexp import exp_inplace
 
 __all__ = [
     "Layout",
@@ -54,8 +56,6 @@ __all__ = [
     "bucket_forward_reference",
     "bucket_backward_reference",
     "layout_pairs",
-    "exp_nonpositive",
-    "exp_nonpositive_reference",
 ]
 
 
@@ -176,58 +176,8 @@ def sort_layout(qbuck: np.ndarray, kbuck: np.ndarray | None, n_buckets: int,
 # --------------------------------------------------------------------------- numba
 
 
-# exp(x) = 2^k · e^r, k = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor polynomial
-# of degree 13 (truncation < 1e-17 relative): a vectorisable exp for x <= 0, accurate to a
-# few float64 ulps (numba's math.exp is a scalar libm call here, ~10 ns, no SVML).
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
-_MAGIC = 6755399441055744.0 + 1023.0   # 2^52 + 2^51 + exponent bias
-_EXP_FLOOR = -708.0          # below: 2^k would be subnormal; exp(-708) ~ 3e-308 is taken as 0
-
-
-@njit(**JIT)
-def exp_nonpositive(x, out, bits):
-    """``out[t] = exp(x[t])`` for ``x <= 0`` (``-inf`` and ``x < -708`` give exactly 0).
-
-    ``x``, ``out`` float64 (may alias), ``bits`` an int64 scratch of the same length.
-    Equivalent to ``np.exp(np.where(x < -708, -inf, x))`` to ~2 ulp.
-    """
-    n = x.shape[0]
-    scale = bits.view(np.float64)
-    for t in range(n):                                         # all float: vectorises
-        v = x[t]
-        tiny = v < _EXP_FLOOR
-        v = _EXP_FLOOR if tiny else v
-        kf = np.floor(v * _LOG2E + 0.5)
-        r = (v - kf * _LN2_HI) - kf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        p = p * r + 1.0
-        scale[t] = kf + _MAGIC                                 # k + 1023 in the low mantissa bits
-        out[t] = 0.0 if tiny else p
-    for t in range(n):
-        bits[t] = bits[t] << 52                                # -> the float64 2^k
-    for t in range(n):
-        out[t] *= scale[t]
-
-
-def exp_nonpositive_reference(x):
-    """NumPy twin of :func:`exp_nonpositive`."""
-    x = np.asarray(x, np.float64)
-    return np.exp(np.where(x < _EXP_FLOOR, -np.inf, x))
-
+# the rows' exponentials use the library's vectorisable exp (kernels/fastexp.py): numba's
+# math.exp is a scalar libm call here (no SVML)
 
 @njit(**JIT)
 def _gather_ids(b, r, qs, nq, ks, nk, qperm, kperm, qchunk, qbuck, kchunk, kbuck, across,
@@ -325,7 +275,7 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
         _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shared, scale)
         row_lse = np.empty(nq, np.float64)
         xrow = np.empty(nk, np.float64)
-        bits = np.empty(nk, np.int64)
+        work = np.empty(nk, np.float64)
         for a in range(nq):
             m = -np.inf
             for t in range(nk):
@@ -337,7 +287,7 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
                 continue
             for t in range(nk):
                 xrow[t] = S[a, t] - m
-            exp_nonpositive(xrow, xrow, bits)                  # e^(s - max)
+            exp_inplace(xrow, work, nk)                        # e^(s - max)
             total = 0.0
             for t in range(nk):
                 total += xrow[t]
@@ -400,7 +350,7 @@ def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm
         _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shared, scale)
         dP = np.dot(dOb, Vb.T)                                 # dP = dO V^T         (nq, nk)
         xrow = np.empty(nk, np.float64)
-        bits = np.empty(nk, np.int64)
+        work = np.empty(nk, np.float64)
         for a in range(nq):
             i = qi[a]
             L = lse[b, i]
@@ -412,7 +362,7 @@ def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm
                 continue
             for t in range(nk):
                 xrow[t] = min(S[a, t] - L, 0.0)                # s - L <= 0 (-inf when masked)
-            exp_nonpositive(xrow, xrow, bits)                  # p = exp(s - L), L over all rounds
+            exp_inplace(xrow, work, nk)                        # p = exp(s - L), L over all rounds
             for t in range(nk):
                 S[a, t] = xrow[t]
                 dP[a, t] = xrow[t] * (dP[a, t] - di)           # dS = P (dP - rowsum(P dP))
