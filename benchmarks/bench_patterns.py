@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-max", type=int, default=8192, help="largest N for the dense comparison")
     p.add_argument("--no-rss", action="store_true", help="skip the 2^20 RSS subprocess")
     p.add_argument("--rss-only", action="store_true", help="only the 2^20 RSS subprocess")
+    p.add_argument("--sizes", type=int, nargs="+", metavar="N", help="override the sequence lengths")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these rows (local, local_causal, strided)")
     args = p.parse_args(argv)
 
     if args.quick:
@@ -158,6 +160,8 @@ def main(argv=None) -> int:
     print("- machine shared with other jobs while measuring; medians of "
           f"{repeat} runs (N <= 16384) / {max(1, repeat - 2)} run(s) above\n")
 
+    if args.sizes:
+        sizes = args.sizes
     rss = None
     if not args.no_rss:                     # first, while this process is small (see measure_rss)
         rss = measure_rss(rss_n, d, window)
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
         "local_causal": LocalAttention(window, causal=True),
         f"strided r={stride}": StridedAttention(stride, window=window),
     }
+    if args.only:
+        cores = {name: core for name, core in cores.items() if name.split()[0] in args.only}
     rows = []
     t0 = time.perf_counter()
     for name, core in cores.items():
