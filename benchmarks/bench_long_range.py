@@ -197,6 +197,7 @@ def main(argv=None):
     p.add_argument("--chart", metavar="PNG")
     p.add_argument("--markdown", metavar="FILE", help="also write the header and table as Markdown")
     p.add_argument("--batch", type=int, default=16, help="sequences per training step (default 16)")
+    p.add_argument("--eval-size", type=int, default=512, help="test sequences (default 512)")
     p.add_argument("--blas-threads", type=int, metavar="T", help="limit BLAS to T threads (threadpoolctl)")
     p.add_argument("--from-json", nargs="+", metavar="FILE",
                    help="no training: merge the rows of earlier --json runs into one table / chart")
@@ -228,14 +229,15 @@ def main(argv=None):
         sizes, steps = args.n, args.steps
     header = (bench.machine_header() + f"\n- marker retrieval: C = {N_CLASSES} classes (chance "
               f"{100 / N_CLASSES:.0f} %), {steps} Adam steps of batch {args.batch}, d = 32, 2 heads, float32, "
-              "seeds fixed\n")
+              f"seeds fixed; accuracy on {args.eval_size} test sequences\n")
     print(header)
     rows = []
     for n in sizes:
         for name in names:
             row = {"variant": name, "N": n}
             try:
-                row.update(train_variant(variants[name], n, steps=steps, batch=args.batch))
+                row.update(train_variant(variants[name], n, steps=steps, batch=args.batch,
+                                         eval_size=args.eval_size))
             except Exception as exc:              # report, do not hide: the row says what failed
                 row["error"] = f"{type(exc).__name__}: {exc}"[:120]
             rows.append(row)
