@@ -180,6 +180,26 @@ def sort_layout(qbuck: np.ndarray, kbuck: np.ndarray | None, n_buckets: int,
 # math.exp is a scalar libm call here (no SVML)
 
 @njit(**JIT)
+def _chunk_span(qptr, kptr, b, r, c, lookback):
+    """Chunk c of round r: its queries ``[qs, qs + nq)`` and the keys it sees ``[ks, ks + nk)``
+    (its own chunk, and the previous one with ``lookback``) in sorted order."""
+    qs = qptr[b, r, c]
+    nq = qptr[b, r, c + 1] - qs
+    c0 = c - 1 if (lookback and c > 0) else c
+    ks = kptr[b, r, c0]
+    return qs, nq, ks, kptr[b, r, c + 1] - ks
+
+
+@njit(**JIT)
+def _gather_rows(x, b, idx):
+    """The rows ``x[b, idx]`` as a contiguous block (for BLAS)."""
+    out = np.empty((idx.shape[0], x.shape[2]), x.dtype)
+    for a in range(idx.shape[0]):
+        out[a] = x[b, idx[a]]
+    return out
+
+
+@njit(**JIT)
 def _gather_ids(b, r, qs, nq, ks, nk, qperm, kperm, qchunk, qbuck, kchunk, kbuck, across,
                 qptr_len):
     """The block's query / key indices, their buckets in round r, and one code per round,
@@ -254,23 +274,14 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
     for item in prange(B * n_chunks):
         b = item // n_chunks
         c = item % n_chunks
-        qs = qptr[b, r, c]
-        nq = qptr[b, r, c + 1] - qs
-        c0 = c - 1 if (lookback and c > 0) else c
-        ks = kptr[b, r, c0]
-        nk = kptr[b, r, c + 1] - ks
+        qs, nq, ks, nk = _chunk_span(qptr, kptr, b, r, c, lookback)
         if nq == 0 or nk == 0:
             continue
         qi, kj, qb, kb, qcode, kcode = _gather_ids(b, r, qs, nq, ks, nk, qperm, kperm, qchunk,
                                                    qbuck, kchunk, kbuck, across, qptr.shape[2])
-        Qb = np.empty((nq, D), q.dtype)
-        Kb = np.empty((nk, D), q.dtype)
-        Vb = np.empty((nk, Dv), q.dtype)
-        for a in range(nq):
-            Qb[a] = q[b, qi[a]]
-        for t in range(nk):
-            Kb[t] = k[b, kj[t]]
-            Vb[t] = v[b, kj[t]]
+        Qb = _gather_rows(q, b, qi)
+        Kb = _gather_rows(k, b, kj)
+        Vb = _gather_rows(v, b, kj)
         S = np.dot(Qb, Kb.T)                                  # q_i . k_j          (nq, nk)
         _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shared, scale)
         row_lse = np.empty(nq, np.float64)
@@ -327,25 +338,15 @@ def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm
     for item in prange(B * per_b):
         b = item // per_b
         c = first + step * (item % per_b)
-        qs = qptr[b, r, c]
-        nq = qptr[b, r, c + 1] - qs
-        c0 = c - 1 if (lookback and c > 0) else c
-        ks = kptr[b, r, c0]
-        nk = kptr[b, r, c + 1] - ks
+        qs, nq, ks, nk = _chunk_span(qptr, kptr, b, r, c, lookback)
         if nq == 0 or nk == 0:
             continue
         qi, kj, qb, kb, qcode, kcode = _gather_ids(b, r, qs, nq, ks, nk, qperm, kperm, qchunk,
                                                    qbuck, kchunk, kbuck, across, qptr.shape[2])
-        Qb = np.empty((nq, D), q.dtype)
-        dOb = np.empty((nq, Dv), q.dtype)
-        Kb = np.empty((nk, D), q.dtype)
-        Vb = np.empty((nk, Dv), q.dtype)
-        for a in range(nq):
-            Qb[a] = q[b, qi[a]]
-            dOb[a] = dout[b, qi[a]]
-        for t in range(nk):
-            Kb[t] = k[b, kj[t]]
-            Vb[t] = v[b, kj[t]]
+        Qb = _gather_rows(q, b, qi)
+        dOb = _gather_rows(dout, b, qi)
+        Kb = _gather_rows(k, b, kj)
+        Vb = _gather_rows(v, b, kj)
         S = np.dot(Qb, Kb.T)
         _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shared, scale)
         dP = np.dot(dOb, Vb.T)                                 # dP = dO V^T         (nq, nk)
