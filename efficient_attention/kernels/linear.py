@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_PARALLEL
+from .config import JIT, JIT_PARALLEL
 
 __all__ = [
     "causal_forward", "causal_backward",
@@ -88,6 +88,18 @@ def _causal_forward_kernel(a, b, v, eps, out, den):
                 ot[c] = num[c] * inv
 
 
+@njit(**JIT)
+def _row_coefficients(dd, dt, ot, one):
+    """``(1/den_t, c_t)`` with ``c_t = −dO_t·o_t / den_t`` (0 where ``den_t = 0``), in the
+    arrays' dtype (``one`` is a 1-element scratch of that dtype)."""
+    one[0] = 1 / dd if dd != 0 else 0
+    inv = one[0]
+    ct = 0 * dd
+    for c in range(dt.shape[0]):
+        ct -= dt[c] * ot[c]
+    return inv, ct * inv
+
+
 @njit(**JIT_PARALLEL)
 def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
     """da by a forward scan (S_t recomputed), db and dv by a reverse-time scan.
@@ -105,15 +117,8 @@ def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
         s = np.zeros((f, dv), a.dtype)
         z = np.zeros(f, a.dtype)
         for t in range(n):
-            dd = den[h, t]
-            one[0] = 1 / dd if dd != 0 else 0
-            inv = one[0]                                     # 1/den_t in the array dtype
             dt = dout[h, t]
-            ot = out[h, t]
-            ct = 0 * dd
-            for c in range(dv):
-                ct -= dt[c] * ot[c]
-            ct *= inv                                        # c_t = −dO_t·o_t / den_t
+            inv, ct = _row_coefficients(den[h, t], dt, out[h, t], one)
             bt = b[h, t]
             vt = v[h, t]
             dat = da[h, t]
@@ -121,7 +126,7 @@ def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
                 si = s[i]
                 bi = bt[i]
                 z[i] += bi
-                w = 0 * dd
+                w = 0 * inv
                 for c in range(dv):
                     x = si[c] + bi * vt[c]                   # S_t = S_{t-1} + b_t v_tᵀ
                     si[c] = x
@@ -132,16 +137,10 @@ def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
         r = np.zeros(f, a.dtype)
         accv = np.empty(dv, a.dtype)
         for t in range(n - 1, -1, -1):
-            dd = den[h, t]
-            one[0] = 1 / dd if dd != 0 else 0
-            inv = one[0]                                     # 1/den_t in the array dtype
             dt = dout[h, t]
-            ot = out[h, t]
-            ct = 0 * dd
+            inv, ct = _row_coefficients(den[h, t], dt, out[h, t], one)
             for c in range(dv):
-                ct -= dt[c] * ot[c]
                 accv[c] = 0
-            ct *= inv
             at = a[h, t]
             bt = b[h, t]
             vt = v[h, t]
