@@ -43,9 +43,14 @@ keeps both the products and the elementwise work (mask, exp, sums: numpy runs th
 core) busy on every core and does not oversubscribe. In the backward the segments run in two
 waves, even then odd: segments ``2w`` apart have disjoint key ranges, so no two concurrent
 items add into the same ``dK``/``dV`` rows, and the summation order — hence every bit of the
-result — does not depend on the number of threads. (A numba version of the elementwise work
-with a hand-vectorised exp was tried and was not faster than numpy here: numpy's float32 exp
-ran as fast as it, and the products dominate the time.)
+result — does not depend on the number of threads.
+
+**Elementwise work.** For float32 the row maximum, the shifted exponential, the row sums and
+the softmax backward of each block run row by row in numba
+(:mod:`efficient_attention.kernels.band`, GIL released), with the library's float32 ``exp``:
+numpy's float32 ``exp`` is not vectorised on this machine and took as long as a block's
+product; the fused rows cut forward+backward by about 15%. float64 (and
+``ROW_KERNELS = False``) runs the NumPy lines beside them, which the tests compare.
 
 **Strided = local on interleaved subsequences.** :math:`(i-j) \bmod r = 0`
 means that :math:`i` and :math:`j` lie in the same residue class
@@ -83,6 +88,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .core import AttentionCore, Cost, Grads
+from .kernels import band
 from .validate import check_bool, check_dout, check_int, check_qkv, check_scale, resolve_scale
 
 __all__ = ["LocalAttention", "StridedAttention", "local_mask", "strided_mask", "band_pairs"]
@@ -96,6 +102,8 @@ SCRATCH = 1 << 21
 #: worker threads over independent (residue class, batch group, query segment) items;
 #: None: os.cpu_count()
 THREADS = None
+#: float32 blocks: elementwise row work in numba (kernels/band.py) instead of NumPy
+ROW_KERNELS = True
 #: shortest query segment of a work item (so that a thread's item outweighs its dispatch)
 MIN_SEGMENT = 1024
 
@@ -149,30 +157,41 @@ def _chunks(lo: int, hi: int, key_block: int):
 
 
 def _band_bias(offset: int, b: int, length: int, window: int, lowest: int, dtype, biases: dict):
-    """``(b, L)`` additive mask of a block: 0 where ``lowest <= i - j <= window`` with
-    ``i - j = offset + a - c``, ``-inf`` elsewhere; None when the whole block is in the band.
-    (Adding it is several times faster than a boolean ``copyto``.) Cached per call in ``biases``."""
+    """Additive mask of a ``(b, L)`` block: 0 where ``lowest <= i - j <= window`` with
+    ``i - j = offset + a - c``, ``-inf`` elsewhere, as ``((c0, c1, slab), ...)``: only the runs
+    of columns ``[c0, c1)`` that cross the band's edges (at most ``b`` wide each; the columns
+    in between are inside for every row and are left alone). Empty when the whole block is in
+    the band. (Adding a slab is several times faster than a boolean ``copyto``.) Cached per
+    call in ``biases``."""
     key = (offset, b, length)
     if key not in biases:
         diff = offset + np.arange(b)[:, None] - np.arange(length)[None, :]   # i - j   (b, L)
         inside = (diff <= window) & (diff >= lowest)
-        biases[key] = None if inside.all() else np.where(inside, 0, -np.inf).astype(dtype)
+        cut = np.flatnonzero(np.diff(np.concatenate(([0], ~inside.all(axis=0), [0])).astype(np.int8)))
+        biases[key] = tuple((int(c0), int(c1), np.where(inside[:, c0:c1], 0, -np.inf).astype(dtype))
+                            for c0, c1 in zip(cut[::2], cut[1::2]))        # runs of cut columns
     return biases[key]
 
 
 def _scores(qs, k, c0, c1, s, window, lowest, biases):
     """``S = (s q_blk) K_[c0,c1)ᵀ`` with ``-inf`` outside the band.   (G, b, L)"""
     scores = np.matmul(qs, np.swapaxes(k[:, c0:c1], -1, -2))   # (G, b, L)
-    bias = _band_bias(s - c0, qs.shape[1], c1 - c0, window, lowest, qs.dtype, biases)
-    if bias is not None:
-        scores += bias
+    for a0, a1, slab in _band_bias(s - c0, qs.shape[1], c1 - c0, window, lowest, qs.dtype, biases):
+        scores[..., a0:a1] += slab
     return scores
+
+
+def _rows_kernel(dtype) -> bool:
+    """Use the float32 row kernels (:mod:`efficient_attention.kernels.band`) for this dtype;
+    float64 (and ``ROW_KERNELS = False``) runs the plain NumPy lines beside them."""
+    return ROW_KERNELS and dtype == np.float32
 
 
 def _band_forward(q, k, v, out, lse, window, causal, scale, query_block, key_block, s0, s1):
     """Fill rows ``[s0, s1)`` of ``out (G, N, Dv)`` and ``lse (G, N)`` for the local band on
     ``q, k, v (G, N, ·)``."""
     n, lowest, biases = q.shape[1], (0 if causal else -window), {}
+    rows_kernel = _rows_kernel(q.dtype)
     for s in range(s0, s1, query_block):
         e = min(n, s + query_block)
         lo, hi = _key_range(s, e, n, window, causal)
@@ -180,10 +199,16 @@ def _band_forward(q, k, v, out, lse, window, causal, scale, query_block, key_blo
         chunks = _chunks(lo, hi, key_block)
         if len(chunks) == 1:                                    # one softmax over the range
             scores = _scores(qs, k, lo, hi, s, window, lowest, biases)       # S   (G, b, L)
-            row_max = scores.max(axis=-1, keepdims=True)        # m, finite: i sees i
-            np.subtract(scores, row_max, out=scores)
-            np.exp(scores, out=scores)                          # e^(S - m), 0 off the band
-            row_sum = scores.sum(axis=-1, keepdims=True)        # l = Σ e^(S - m) >= 1
+            if rows_kernel:                                     # float32: one pass per row
+                row_max = np.empty(scores.shape[:2] + (1,), scores.dtype)
+                row_sum = np.empty_like(row_max)
+                band.softmax_rows(scores.reshape(-1, scores.shape[2]), row_max.reshape(-1),
+                                  row_sum.reshape(-1))
+            else:
+                row_max = scores.max(axis=-1, keepdims=True)    # m, finite: i sees i
+                np.subtract(scores, row_max, out=scores)
+                np.exp(scores, out=scores)                      # e^(S - m), 0 off the band
+                row_sum = scores.sum(axis=-1, keepdims=True)    # l = Σ e^(S - m) >= 1
             np.matmul(scores, v[:, lo:hi], out=out[:, s:e])     # e^(S-m) V        (G, b, Dv)
             out[:, s:e] /= row_sum
             lse[:, s:e] = (row_max + np.log(row_sum))[..., 0]   # ℓ = m + log l
@@ -212,30 +237,39 @@ def _band_backward(q, k, v, lse, dout, dq, dk, dv, window, causal, scale, query_
     """Fill rows ``[s0, s1)`` of ``dq`` and accumulate their contributions to ``dk``, ``dv``
     (keys ``[s0 - w, s1 + w)``) for the local band (same views as forward)."""
     n, lowest, biases = q.shape[1], (0 if causal else -window), {}
+    rows_kernel = _rows_kernel(q.dtype)
+
+    def probs(c0, c1):                                          # P = e^(S - ℓ)    (G, b, L)
+        p = _scores(qs, k, c0, c1, s, window, lowest, biases)   # S again
+        if rows_kernel:
+            band.exp_rows(p.reshape(-1, p.shape[2]), ell.reshape(-1))
+        else:
+            np.exp(np.subtract(p, ell, out=p), out=p)
+        return p
     for s in range(s0, s1, query_block):
         e = min(n, s + query_block)
         lo, hi = _key_range(s, e, n, window, causal)
         qs = q[:, s:e] * scale                                  # s q_blk          (G, b, D)
         do = dout[:, s:e]                                       # dO_blk           (G, b, Dv)
-        ell = lse[:, s:e, None]                                 # ℓ_blk            (G, b, 1)
+        ell = np.ascontiguousarray(lse[:, s:e, None])           # ℓ_blk            (G, b, 1)
         chunks = _chunks(lo, hi, key_block)
         delta = None                                            # δ = rowsum(P ⊙ dP)
         if len(chunks) > 1:                                     # δ over all chunks first
             delta = np.zeros_like(ell)
             for c0, c1 in chunks:
-                p = _scores(qs, k, c0, c1, s, window, lowest, biases)
-                np.exp(np.subtract(p, ell, out=p), out=p)
-                delta += np.einsum("gbl,gbl->gb", p, do @ np.swapaxes(v[:, c0:c1], -1, -2))[..., None]
+                delta += np.einsum("gbl,gbl->gb", probs(c0, c1),
+                                   do @ np.swapaxes(v[:, c0:c1], -1, -2))[..., None]
         dq_blk = np.zeros_like(qs)
         for c0, c1 in chunks:
-            p = _scores(qs, k, c0, c1, s, window, lowest, biases)           # S again
-            np.subtract(p, ell, out=p)
-            np.exp(p, out=p)                                    # P = e^(S - ℓ)    (G, b, L)
+            p = probs(c0, c1)
             dv[:, c0:c1] += np.swapaxes(p, -1, -2) @ do         # dV += Pᵀ dO      (G, L, Dv)
             dp = do @ np.swapaxes(v[:, c0:c1], -1, -2)          # dP = dO Vᵀ       (G, b, L)
-            rowsum = np.einsum("gbl,gbl->gb", p, dp)[..., None] if delta is None else delta
-            np.subtract(dp, rowsum, out=dp)
-            np.multiply(dp, p, out=dp)                          # dS = P ⊙ (dP - δ)
+            if delta is None and rows_kernel:                   # dS = P ⊙ (dP - δ), row by row
+                band.dsoftmax_rows(p.reshape(-1, p.shape[2]), dp.reshape(-1, dp.shape[2]))
+            else:
+                rowsum = np.einsum("gbl,gbl->gb", p, dp)[..., None] if delta is None else delta
+                np.subtract(dp, rowsum, out=dp)
+                np.multiply(dp, p, out=dp)                      # dS = P ⊙ (dP - δ)
             dq_blk += dp @ k[:, c0:c1]                          # dQ_blk += dS K   (G, b, D)
             dk[:, c0:c1] += np.swapaxes(dp, -1, -2) @ qs        # dK += s dSᵀ Q    (G, L, D)
         np.multiply(dq_blk, scale, out=dq[:, s:e])              # dQ = s dS K

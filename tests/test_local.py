@@ -315,3 +315,20 @@ def test_threads_do_not_change_the_result(core):
     mask = core.dense_mask(3000)
     ref = DenseAttention()(q[:1], k[:1], v[:1], mask=mask)
     assert_attention_close(results[0][0][:1], ref, np.float64)
+
+
+@pytest.mark.parametrize("core", [LocalAttention(9), LocalAttention(30, causal=True),
+                                  StridedAttention(3, 4), StridedAttention(2, causal=True)])
+def test_float32_row_kernels_match_the_numpy_lines(core, monkeypatch):
+    """float32 blocks run their elementwise work in numba (kernels/band.py); the NumPy lines
+    beside them (ROW_KERNELS = False) give the same result to float32 rounding."""
+    import efficient_attention.local as local
+    q, k, v, g = _arrays((2, 3), 200, 8, 5, np.float32, seed=4)
+    out, cache = core.forward(q, k, v)
+    grads = core.backward(cache, g)
+    monkeypatch.setattr(local, "ROW_KERNELS", False)
+    ref, ref_cache = core.forward(q, k, v)
+    ref_grads = core.backward(ref_cache, g)
+    assert_attention_close(out, ref, np.float32)
+    for a, b in zip(grads[:3], ref_grads[:3]):
+        assert_attention_close(a, b, np.float32, kind="grad")
