@@ -44,7 +44,16 @@ VOCAB = 1 + N_CLASSES + N_NOISE
 TYPE_OF = np.array([0] + [1] * N_CLASSES + [2] * N_NOISE)   # token id -> type: query, label, noise
 
 
-COLUMNS = ["variant", "N", "accuracy", "ms/step", "peak MB", "first loss", "last loss", "error"]
+COLUMNS = ["variant", "N", "steps", "batch", "accuracy", "ms/step", "peak MB", "first loss", "last loss",
+           "error"]
+
+
+def _budget_from(payload):
+    """``(steps, batch)`` of an earlier --json run (rows written before these columns existed
+    take them from the run's command line)."""
+    words = str(payload.get("command", "")).split()
+    batch = int(words[words.index("--batch") + 1]) if "--batch" in words else 16
+    return payload.get("steps"), batch
 
 
 def make_batch(rng, batch, n):
@@ -212,7 +221,8 @@ def main(argv=None):
         rows, notes = [], []
         for path in args.from_json:
             payload = json.load(open(path))
-            rows += payload["rows"]
+            steps, batch = _budget_from(payload)
+            rows += [{"steps": steps, "batch": batch, **r} for r in payload["rows"]]
             notes.append(f"- {path}: {payload.get('command', '?')}")
         table = bench.markdown_table(rows, COLUMNS)
         print("\n".join(notes) + "\n\n" + table)
@@ -236,7 +246,7 @@ def main(argv=None):
     rows = []
     for n in sizes:
         for name in names:
-            row = {"variant": name, "N": n}
+            row = {"variant": name, "N": n, "steps": steps, "batch": args.batch}
             try:
                 row.update(train_variant(variants[name], n, steps=steps, batch=args.batch,
                                          eval_size=args.eval_size))

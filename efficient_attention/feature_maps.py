@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .kernels.fastexp import exp_
 from .validate import as_float_array, check_int, check_real
 
 __all__ = ["FeatureMap", "EluFeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap"]
@@ -159,7 +160,7 @@ class EluFeatureMap(FeatureMap):
         x = _check_x(x)
         if check_finite and not np.isfinite(x).all():
             raise ValueError("x must contain only finite values (check_finite=True)")
-        phi = np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))     # elu(x) + 1   (..., N, D)
+        phi = np.where(x > 0, x + 1, exp_(np.minimum(x, 0)))       # elu(x) + 1   (..., N, D)
         return phi, _EluCache(phi)
 
     def backward(self, cache: _EluCache, dphi):
@@ -167,6 +168,10 @@ class EluFeatureMap(FeatureMap):
 
 
 # --------------------------------------------------------------------------- FAVOR+
+#: rows of x per block in the Performer map (temporaries stay block-sized, in cache)
+ROW_BLOCK = 2048
+
+
 class _PerformerCache(NamedTuple):
     x: np.ndarray        # the input (a reference, no copy; x' = x·D^(-1/4) is recomputed)
     phi: np.ndarray      # exp(h - s)/√m            (..., N, F)
@@ -250,16 +255,23 @@ class PerformerFeatureMap(FeatureMap):
         return f"PerformerFeatureMap(omega=<{self.omega.shape[0]}x{self.omega.shape[1]}>, kind={self.kind!r})"
 
     def _exponent(self, x):
-        """``h = ωᵀx′ − ‖x′‖²/2`` (both signs for hyperbolic), ``x′`` and ``ω`` in x's dtype."""
+        """``h = ωᵀx′ − ‖x′‖²/2`` (both signs for hyperbolic) as ``(rows, F)``, and ``ω`` in x's
+        dtype. ``ωᵀx′ = (ω D^(-1/4))ᵀx``: x′ itself is never formed; rows in blocks of
+        ``ROW_BLOCK`` so that every temporary is block-sized."""
         d = x.shape[-1]
         omega = self.omega.astype(x.dtype, copy=False)
-        xs = x * x.dtype.type(d ** -0.25)                            # x' = x·D^(-1/4)   (..., N, D)
-        proj = xs @ omega.T                                          # ωᵀx'              (..., N, m)
-        if self.kind == "hyperbolic":
-            proj = np.concatenate([proj, -proj], axis=-1)            # ±ωᵀx'             (..., N, 2m)
-        half_sq = 0.5 * np.einsum("...d,...d->...", xs, xs)         # ‖x'‖²/2           (..., N)
-        proj -= half_sq[..., None]                                   # h (in place: memory is O(N·F))
-        return proj, xs, omega
+        w_t = np.ascontiguousarray((omega * x.dtype.type(d ** -0.25)).T)   # (ω D^(-1/4))ᵀ  (D, m)
+        half = x.dtype.type(0.5 * d ** -0.5)                              # ‖x′‖²/2 = ‖x‖²/(2√D)
+        x2 = x.reshape(-1, d)
+        m = omega.shape[0]
+        h = np.empty((x2.shape[0], self.n_features(d)), x.dtype)         # (rows, F)
+        for r0 in range(0, x2.shape[0], ROW_BLOCK):
+            xb, hb = x2[r0:r0 + ROW_BLOCK], h[r0:r0 + ROW_BLOCK]
+            np.matmul(xb, w_t, out=hb[:, :m])                            # ωᵀx′
+            if self.kind == "hyperbolic":
+                np.negative(hb[:, :m], out=hb[:, m:])                    # ±ωᵀx′
+            hb -= (half * np.einsum("nd,nd->n", xb, xb))[:, None]        # − ‖x′‖²/2
+        return h, omega
 
     def _bound(self, dtype):
         """``max_r ‖ω_r‖²/2``: no exponent ``ωᵀx′ − ‖x′‖²/2`` can exceed it (complete the square)."""
@@ -278,42 +290,56 @@ class PerformerFeatureMap(FeatureMap):
         self.check_width(x.shape[-1])
         if check_finite and not np.isfinite(x).all():
             raise ValueError("x must contain only finite values (check_finite=True)")
-        h, xs, omega = self._exponent(x)                             # (..., N, F)
-        if shift is None:
-            s = None
-        elif shift == "row":
-            s = h.max(axis=-1) if h.shape[-1] else np.zeros(h.shape[:-1], x.dtype)   # (..., N)
-        elif shift == "shared":
-            s = h.max(axis=(-2, -1)) if h.shape[-2] else np.zeros(h.shape[:-2], x.dtype)  # (...)
-        elif shift == "bound":
-            s = np.full(h.shape[:-2], self._bound(x.dtype), x.dtype)   # data-independent (...)
-        else:
+        if shift not in (None, "row", "shared", "bound"):
             raise ValueError(f"shift must be None, 'row', 'shared' or 'bound', got {shift!r}")
-        del xs
-        if s is not None:                                            # h − s, in place
-            h -= s[..., None] if shift == "row" else s[..., None, None]
-        phi = np.exp(h, out=h)                                       # φ̂ = e^{h - s}
-        phi *= self._norm(x)                                         #     / √m
+        h, omega = self._exponent(x)                                 # (rows, F)
+        lead, n_f = x.shape[:-1], h.shape[1]
+        n = x.shape[-2] if x.ndim >= 2 else 1
+        if shift == "row":
+            s = h.max(axis=-1) if n_f else np.zeros(h.shape[0], x.dtype)      # (rows,)
+            rows_s = s
+            s = s.reshape(lead)                                               # (..., N)
+        elif shift == "shared":
+            hs = h.reshape(-1, n * n_f)
+            s = (hs.max(axis=-1) if hs.shape[1] else np.zeros(hs.shape[0], x.dtype)).reshape(lead[:-1])
+            rows_s = np.repeat(s.reshape(-1), n)
+        elif shift == "bound":
+            s = np.full(lead[:-1], self._bound(x.dtype), x.dtype)     # data-independent (...)
+            rows_s = np.full(h.shape[0], s.flat[0] if s.size else 0, x.dtype)
+        else:
+            s, rows_s = None, None
+        norm = self._norm(x)
+        for r0 in range(0, h.shape[0], ROW_BLOCK):                   # φ̂ = e^{h - s}/√m, by blocks
+            hb = h[r0:r0 + ROW_BLOCK]
+            if rows_s is not None:
+                hb -= rows_s[r0:r0 + ROW_BLOCK, None]
+            exp_(hb)
+            hb *= norm
+        phi = h.reshape(lead + (n_f,))
         return phi, s, _PerformerCache(x, phi, omega)
 
     def _stable(self, x, shift):
         return self._forward(x, shift)
 
     def backward(self, cache: _PerformerCache, dphi):
+        """``dx = D^(-1/4)·(dh·ω − (Σ_r dh_r)·x′)`` with ``dh = dφ ⊙ φ`` (hyperbolic: the two
+        halves of ``dh`` enter ``ω`` with opposite signs), by blocks of ``ROW_BLOCK`` rows."""
         x, phi, omega = cache
-        c = x.dtype.type(x.shape[-1] ** -0.25)
-        dh = dphi * phi                                              # ∂φ/∂h = φ
+        d = x.shape[-1]
+        c = x.dtype.type(d ** -0.25)
         m = omega.shape[0]
-        if self.kind == "hyperbolic":
-            dproj = dh[..., :m] - dh[..., m:]                        # h = [p, -p] - ‖x'‖²/2
-        else:
-            dproj = dh
-        dxs = dproj @ omega                                          # dh·ω               (..., N, D)
-        radial = x * (c * dh.sum(axis=-1))[..., None]                # (Σ_r dh_r)·x'
-        del dh, dproj
-        dxs -= radial                                                # dx' = dh·ω − (Σ_r dh_r)·x'
-        dxs *= c                                                     # dx = dx'·D^(-1/4)
-        return dxs
+        x2, phi2 = x.reshape(-1, d), phi.reshape(-1, phi.shape[-1])
+        dphi2 = np.reshape(dphi, phi2.shape)
+        dx = np.empty(x2.shape, np.result_type(dphi2.dtype, phi2.dtype, omega.dtype))
+        for r0 in range(0, x2.shape[0], ROW_BLOCK):
+            rows = slice(r0, r0 + ROW_BLOCK)
+            dh = dphi2[rows] * phi2[rows]                            # ∂φ/∂h = φ
+            dproj = dh[:, :m] - dh[:, m:] if self.kind == "hyperbolic" else dh
+            dxb = dx[rows]
+            dxb[...] = dproj @ omega                                 # dh·ω
+            dxb -= x2[rows] * (c * dh.sum(axis=-1))[:, None]         # − (Σ_r dh_r)·x′
+            dxb *= c                                                 # dx = dx′·D^(-1/4)
+        return dx.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- RFA

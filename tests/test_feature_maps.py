@@ -79,7 +79,7 @@ def test_performer_bound_holds_for_any_input():
     fm = PerformerFeatureMap(PerformerFeatureMap.draw(d, 5, 4))
     x = np.concatenate([10 * np.random.default_rng(5).standard_normal((200, d)),
                         fm.omega * d ** 0.25])                # x′ = ω_r: the maximiser
-    h, _, _ = fm._exponent(x)
+    h = fm._exponent(x)[0]
     assert h.max() <= fm._bound(x.dtype) + 1e-12
     assert np.isclose(h.max(), fm._bound(x.dtype))
 
@@ -215,3 +215,25 @@ def test_bad_x(index):
     bad[1, 2] = np.inf
     with pytest.raises(ValueError, match="x must contain only finite values"):
         fm.forward(bad, check_finite=True)
+
+
+@pytest.mark.parametrize("kind", ["positive", "hyperbolic"])
+@pytest.mark.parametrize("shift", [None, "row", "shared", "bound"])
+def test_performer_row_blocks_do_not_change_the_result(kind, shift, monkeypatch):
+    """The Performer map works on blocks of ROW_BLOCK rows; blocks that split sequences and
+    batch entries give the same features, log-scales and gradients as one block."""
+    import efficient_attention.feature_maps as fmod
+    fm = PerformerFeatureMap(PerformerFeatureMap.draw(4, 6, 2), kind=kind)
+    rng = np.random.default_rng(7)
+    x, dphi = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 5, fm.n_features(4)))
+    phi, s, cache = fm._stable(x, shift)
+    dx = fm.backward(cache, dphi)
+    monkeypatch.setattr(fmod, "ROW_BLOCK", 3)
+    phi3, s3, cache3 = fm._stable(x, shift)
+    np.testing.assert_allclose(phi3, phi, rtol=1e-14, atol=0)
+    if s is None:
+        assert s3 is None
+    else:
+        assert s3.shape == s.shape
+        np.testing.assert_array_equal(s3, s)
+    np.testing.assert_allclose(fm.backward(cache3, dphi), dx, rtol=1e-13, atol=1e-15)

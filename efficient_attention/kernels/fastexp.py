@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["exp_inplace", "exp_reference", "EXP_LOWER", "EXP_UPPER", "exp32_shift_inplace",
-           "exp32_reference", "EXP32_LOWER", "EXP32_UPPER"]
+           "exp32_reference", "EXP32_LOWER", "EXP32_UPPER", "exp_"]
 
 #: below: 0 (flushed); above: inf
 EXP_LOWER = -708.0
@@ -166,3 +166,14 @@ def exp32_reference(x, shift=0.0):
     y = np.where(d < _F(EXP32_LOWER), _F(0), y)
     y = np.where(d > _F(EXP32_UPPER), _F(np.inf), y)
     return np.where(np.isnan(d), d, y).astype(np.float32)
+
+
+def exp_(a: np.ndarray) -> np.ndarray:
+    """``a = exp(a)`` in place for a NumPy float array, returned: C-contiguous float32 arrays go
+    through :func:`exp32_shift_inplace` (within 1 ulp, 5x faster than numpy's here), anything
+    else through ``np.exp``."""
+    if a.dtype == np.float32 and a.flags.c_contiguous and a.size:
+        exp32_shift_inplace(a.reshape(-1), 0.0)
+    else:
+        np.exp(a, out=a)
+    return a
