@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--blas-threads", type=int, default=None,
                    help="limit BLAS threads (threadpoolctl); default: BLAS's own choice")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed runs per size (median); default 3, or 1 above 20 GFLOP")
     args = p.parse_args(argv)
     if args.blas_threads is not None:
         from threadpoolctl import threadpool_limits
@@ -67,8 +69,9 @@ def main(argv=None) -> int:
     print("# Chapter 3: no N x N matrix — Linformer and memory-compressed attention\n")
     print(bench.machine_header())
     print(f"- inputs: float32, d = dv = {d}, {heads} heads, standard normal; parameters float32; "
-          "times are medians of 3 runs after a warm-up (a single run when forward+backward "
-          "exceeds 20 GFLOP); "
+          + (f"times are medians of {args.repeat} runs after a warm-up; " if args.repeat else
+             "times are medians of 3 runs after a warm-up (a single run when forward+backward "
+             "exceeds 20 GFLOP); ") +
           "peak MB = traced NumPy allocations of one forward + backward (inputs excluded); "
           "x4N = ratio to the row with N/4 (linear cost: <= 4.4)")
     print(f"- {_peers()}\n")
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
         for n in ns:
             core = build(n)
             flops = core.cost(n, d, d).flops * heads + core.cost(n, d, d, backward=True).flops * heads
-            r = 3 if flops < big else 1
+            r = args.repeat if args.repeat else (3 if flops < big else 1)
             row = bench.bench_core(core, n, d, d, heads=heads, dtype=dtype, repeat=r,
                                    warmup=1 if r > 1 else 0, check=False)
             row = {"variant": label, "K": keys(n), **row}
