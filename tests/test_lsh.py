@@ -311,6 +311,31 @@ def test_kernels_match_numpy_reference(shared, chunk, causal, py):
         assert_attention_close(a, b, np.float64)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("py", [False, True])
+def test_float32_kernels_match_the_float64_reference(shared, causal, py):
+    """float32 blocks take the in-place float32 exp; forward and backward agree with the NumPy
+    reference evaluated in float64 to float32 rounding."""
+    q, k, v, lay = _layout_case(shared, 3, m=19)
+    kw = dict(causal=causal, shared=shared, across=False, scale=0.7)
+    fk = getattr(K._forward_round, "py_func", K._forward_round) if py else None
+    bk = getattr(K._backward_round, "py_func", K._backward_round) if py else None
+    q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+    out, lse = K.bucket_forward(q32, k32, v32, lay, kernel=fk, **kw)
+    ref_out, ref_lse = K.bucket_forward_reference(*(a.astype(np.float64) for a in (q32, k32, v32)),
+                                                  lay, **kw)
+    assert out.dtype == np.float32
+    assert_attention_close(out, ref_out, np.float32)
+    dout = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
+    got = K.bucket_backward(q32, k32, v32, dout, out, lse, lay, kernel=bk, **kw)
+    ref = K.bucket_backward_reference(*(a.astype(np.float64) for a in (q32, k32, v32, dout)),
+                                      ref_out, ref_lse, lay, **kw)
+    for a, b in zip(got, ref):
+        assert a.dtype == np.float32
+        assert_attention_close(a, b, np.float32, kind="grad")
+
+
 def test_sort_layout_is_a_stable_bucket_sort():
     rng = np.random.default_rng(18)
     qb, kb = rng.integers(0, 6, (2, 2, 23)), rng.integers(0, 6, (2, 2, 17))

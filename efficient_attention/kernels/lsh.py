@@ -35,7 +35,8 @@ Engine
 * score blocks go through BLAS (``np.dot`` on gathered contiguous blocks);
   the rows' exponentials use the vectorisable ``exp_inplace`` of
   :mod:`efficient_attention.kernels.fastexp` (numba's ``exp`` is a scalar
-  libm call here, no SVML).
+  libm call here, no SVML), and float32 blocks its float32 twin
+  ``exp32_shift_inplace`` in place (no float64 row copies).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .fastexp import exp_inplace
+from .fastexp import exp32_shift_inplace, exp_inplace
 
 __all__ = [
     "Layout",
@@ -266,7 +267,7 @@ def _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shar
 
 @njit(**JIT_PARALLEL)
 def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbuck, r,
-                   lookback, across, causal, shared, scale, out, lse):
+                   lookback, across, causal, shared, scale, f32, out, lse):
     """Round r of the forward pass, merged into the running (out, lse) of every query."""
     B, N, D = q.shape
     Dv = v.shape[2]
@@ -296,15 +297,24 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
                 for t in range(nk):
                     S[a, t] = 0.0
                 continue
-            for t in range(nk):
-                xrow[t] = S[a, t] - m
-            exp_inplace(xrow, work, nk)                        # e^(s - max)
             total = 0.0
-            for t in range(nk):
-                total += xrow[t]
-            inv = 1.0 / total
-            for t in range(nk):
-                S[a, t] = xrow[t] * inv                        # p = softmax within the round
+            if f32:                                            # float32 rows: exp in place
+                row = S[a]
+                exp32_shift_inplace(row, m)                    # e^(s - max)
+                for t in range(nk):
+                    total += row[t]
+                inv = 1.0 / total
+                for t in range(nk):
+                    row[t] = row[t] * inv                      # p = softmax within the round
+            else:
+                for t in range(nk):
+                    xrow[t] = S[a, t] - m
+                exp_inplace(xrow, work, nk)                    # e^(s - max)
+                for t in range(nk):
+                    total += xrow[t]
+                inv = 1.0 / total
+                for t in range(nk):
+                    S[a, t] = xrow[t] * inv                    # p = softmax within the round
             row_lse[a] = m + math.log(total)
         O = np.dot(S, Vb)                                      # o_r = P V            (nq, Dv)
         for a in range(nq):
@@ -329,7 +339,7 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
 
 @njit(**JIT_PARALLEL)
 def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk,
-                    kbuck, r, first, step, lookback, across, causal, shared, scale, dq, dk, dv):
+                    kbuck, r, first, step, lookback, across, causal, shared, scale, f32, dq, dk, dv):
     """Round r of the backward pass for chunks first, first + step, ... (race-free with step 2)."""
     B, N, D = q.shape
     Dv = v.shape[2]
@@ -361,12 +371,20 @@ def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm
                     S[a, t] = 0.0
                     dP[a, t] = 0.0
                 continue
-            for t in range(nk):
-                xrow[t] = min(S[a, t] - L, 0.0)                # s - L <= 0 (-inf when masked)
-            exp_inplace(xrow, work, nk)                        # p = exp(s - L), L over all rounds
-            for t in range(nk):
-                S[a, t] = xrow[t]
-                dP[a, t] = xrow[t] * (dP[a, t] - di)           # dS = P (dP - rowsum(P dP))
+            if f32:                                            # float32 rows: exp in place
+                row = S[a]
+                for t in range(nk):
+                    row[t] = min(row[t] - L, 0.0)              # s - L <= 0 (-inf when masked)
+                exp32_shift_inplace(row, 0.0)                  # p = exp(s - L), L over all rounds
+                for t in range(nk):
+                    dP[a, t] = row[t] * (dP[a, t] - di)        # dS = P (dP - rowsum(P dP))
+            else:
+                for t in range(nk):
+                    xrow[t] = min(S[a, t] - L, 0.0)            # s - L <= 0 (-inf when masked)
+                exp_inplace(xrow, work, nk)                    # p = exp(s - L), L over all rounds
+                for t in range(nk):
+                    S[a, t] = xrow[t]
+                    dP[a, t] = xrow[t] * (dP[a, t] - di)       # dS = P (dP - rowsum(P dP))
         dVb = np.dot(S.T, dOb)                                 # dV = P^T dO          (nk, Dv)
         dQb = np.dot(dP, Kb)                                   # dQ = s dS K          (nq, D)
         dKb = np.dot(dP.T, Qb)                                 # dK = s dS^T Q        (nk, D)
@@ -414,8 +432,8 @@ def bucket_forward(q, k, v, lay: Layout, *, causal, shared, across, scale, kerne
     with _one_blas_thread():
         for r in range(lay.qperm.shape[1]):
             kernel(q, k, v, lay.qperm, lay.qptr, lay.qchunk, lay.qbuck, lay.kperm, lay.kptr,
-                   lay.kchunk, lay.kbuck, r, lookback, across, causal, shared, float(scale), out,
-                   lse)
+                   lay.kchunk, lay.kbuck, r, lookback, across, causal, shared, float(scale),
+                   q.dtype == np.float32, out, lse)
     return out, lse
 
 
@@ -436,7 +454,7 @@ def bucket_backward(q, k, v, dout, out, lse, lay: Layout, *, causal, shared, acr
                     continue
                 kernel(q, k, v, dout, lse, delta, lay.qperm, lay.qptr, lay.qchunk, lay.qbuck,
                        lay.kperm, lay.kptr, lay.kchunk, lay.kbuck, r, first, step, lookback,
-                       across, causal, shared, float(scale), dq, dk, dv)
+                       across, causal, shared, float(scale), q.dtype == np.float32, dq, dk, dv)
     return dq, dk, dv
 
 
