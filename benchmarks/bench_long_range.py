@@ -176,8 +176,14 @@ def draw_chart(rows, path):
     import matplotlib.pyplot as plt
     sizes = sorted({r["N"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.8), squeeze=False)
+    best = {}                     # one point per (variant, N): the run with the largest budget
+    for r in rows:
+        if "accuracy" in r:
+            key, budget = (r["variant"], r["N"]), (r.get("steps") or 0) * (r.get("batch") or 0)
+            if key not in best or budget > best[key][0]:
+                best[key] = (budget, r)
     for ax, n in zip(axes[0], sizes):
-        rs = [r for r in rows if r["N"] == n and "accuracy" in r]
+        rs = [r for (_, size), (_, r) in best.items() if size == n]
         if not rs:
             continue
         mem = np.array([r["peak MB"] for r in rs])
