@@ -225,11 +225,13 @@ try:
 except ImportError:
     print("matplotlib not installed: no pictures")
 else:
-    IMG.mkdir(parents=True, exist_ok=True)
-    draw_sort_matrices(IMG / "02_sinkhorn_P.png")
-    draw_patterns(IMG / "02_sinkhorn_pattern.png")
-    draw_training(IMG / "02_sinkhorn_training.png")
-    print("saved", sorted(p.name for p in IMG.glob("02_sinkhorn_*.png")))
+    save = os.environ.get("EA_SAVE_IMG") == "1"      # rewrite docs/img/02_sinkhorn_*.png (off in CI)
+    if save:
+        IMG.mkdir(parents=True, exist_ok=True)
+    draw_sort_matrices(IMG / "02_sinkhorn_P.png" if save else None)
+    draw_patterns(IMG / "02_sinkhorn_pattern.png" if save else None)
+    draw_training(IMG / "02_sinkhorn_training.png" if save else None)
+    print("pictures drawn" + (" and saved under docs/img" if save else " (EA_SAVE_IMG=1 saves them)"))
 
 # %% [markdown]
 # ## Time

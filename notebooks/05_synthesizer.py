@@ -41,6 +41,7 @@ from efficient_attention.synthesizer import (DenseSynthesizer, FactorizedRandomS
 
 FULL = os.environ.get("EA_FULL") == "1"
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+SAVE = os.environ.get("EA_SAVE_IMG") == "1"          # rewrite docs/img/05_*.png (off in CI)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -170,7 +171,7 @@ def draw_synthesizer_matrices(path=None, n=16, d=8, seed=0):
     return mats
 
 
-mats = draw_synthesizer_matrices(IMG / "05_synthesizer.png")
+mats = draw_synthesizer_matrices(IMG / "05_synthesizer.png" if SAVE else None)
 print({k_: m.shape for k_, m in mats.items()})
 
 # %% [markdown]

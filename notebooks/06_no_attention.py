@@ -38,6 +38,7 @@ from efficient_attention.mixers import FourierMixer, GatedMLP, SpatialGatingUnit
 
 FULL = os.environ.get("EA_FULL") == "1"
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+SAVE = os.environ.get("EA_SAVE_IMG") == "1"          # rewrite docs/img/06_*.png (off in CI)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -148,7 +149,7 @@ def draw_token_mixing(path=None, n=16, d=8, seed=0):
     return mats
 
 
-mats = draw_token_mixing(IMG / "06_token_mixing.png")
+mats = draw_token_mixing(IMG / "06_token_mixing.png" if SAVE else None)
 assert np.all(np.triu(mats["gMLP, causal gate"], 1) == 0)       # the causal gate reads no future token
 
 # %% [markdown]
