@@ -188,13 +188,14 @@ def draw_chart(rows, path):
             continue
         mem = np.array([r["peak MB"] for r in rs])
         area = 30 + 600 * mem / max(mem.max(), 1e-9)
-        speed = np.array([1e3 / r["ms/step"] for r in rs])
+        # sequences per second, so that rows trained with different batches compare
+        speed = np.array([1e3 * (r.get("batch") or 1) / r["ms/step"] for r in rs])
         ax.scatter(speed, [100 * r["accuracy"] for r in rs], s=area, alpha=0.5)
         for r, x in zip(rs, speed):
             ax.annotate(r["variant"], (x, 100 * r["accuracy"]), fontsize=6, ha="center", va="bottom",
                         rotation=30)
         ax.set_xscale("log")
-        ax.set_xlabel("speed (training steps / s, log scale)")
+        ax.set_xlabel("speed (training sequences / s, log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.axhline(100 / N_CLASSES, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, 105)                                         # the same scale on every panel
