@@ -239,7 +239,7 @@ def _band_backward(q, k, v, lse, dout, dq, dk, dv, window, causal, scale, query_
     n, lowest, biases = q.shape[1], (0 if causal else -window), {}
     rows_kernel = _rows_kernel(q.dtype)
 
-    def probs(c0, c1):                                          # P = e^(S - ℓ)    (G, b, L)
+    def probs(c0, c1):             # P = e^(S - ℓ) (G, b, L) of the current block (qs, s, ℓ below)
         p = _scores(qs, k, c0, c1, s, window, lowest, biases)   # S again
         if rows_kernel:
             band.exp_rows(p.reshape(-1, p.shape[2]), ell.reshape(-1))
