@@ -104,17 +104,19 @@ def _row_coefficients(dd, dt, ot, one):
 def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
     """da by a forward scan (S_t recomputed), db and dv by a reverse-time scan.
 
-    Both states are ``(F, Dv)`` and every inner loop runs over Dv (measured
-    fastest of the layouts tried): ``da_t[i] = S_t[i]·g_t + c_t z_t[i]`` and
-    ``db_t[i] = R_t[i]·v_t + r_t[i]`` are dot products, ``dv_t = Σ_i b_t[i] R_t[i]``
-    an axpy. ``g_t = dO_t/den_t`` is never stored: the loops read ``dO_t`` and
+    The forward scan holds ``S_t`` transposed, ``(Dv, F)``, so that ``S_t dO_t`` is
+    accumulated by axpys over F; the reverse scan holds ``R_t`` as ``(F, Dv)``:
+    ``dv_t = Σ_i b_t[i] R_t[i]`` is an axpy fused with the update of ``R_t``, and
+    ``db_t[i] = R_t[i]·v_t + r_t[i]`` are dot products in a loop of their own (fused
+    with the update, the reverse scan took 679 ms against about 450 ms split, N = 65536,
+    8 heads, float32). ``g_t = dO_t/den_t`` is never stored: the loops read ``dO_t`` and
     fold ``1/den_t`` into scalars (a local buffer for ``g`` was 1.5-2x slower)."""
     nh, n, f = a.shape
     dv = v.shape[2]
     for h in prange(nh):
         one = np.empty(1, a.dtype)
         # forward scan: da_t = S_t g_t + c_t z_t, with S_t held transposed (Dv, F) so that
-        # both inner loops are axpys over F (a dot product per row of S was 2x slower)
+        # both inner loops are axpys over F
         st = np.zeros((dv, f), a.dtype)
         z = np.zeros(f, a.dtype)
         acc = np.empty(f, a.dtype)
@@ -159,9 +161,9 @@ def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
                     x = ri[c] + ai * dt[c]                   # R_t = R_{t+1} + a_t g_tᵀ
                     ri[c] = x
                     accv[c] += bi * x                        # dv_t = R_tᵀ b_t
-            for i in range(f):                               # a separate pure dot-product loop:
-                ri = rr[i]                                   # fused into the one above, the
-                w = r[i]                                     # loop ran 3x slower
+            for i in range(f):                               # dot products in their own loop
+                ri = rr[i]                                   # (see the docstring)
+                w = r[i]
                 for c in range(dv):
                     w += ri[c] * vt[c]                       # db_t = R_t v_t + r_t
                 dbt[i] = w
