@@ -234,6 +234,21 @@ def _gather_ids(b, r, qs, nq, ks, nk, qperm, kperm, qchunk, qbuck, kchunk, kbuck
 
 
 @njit(**JIT)
+def _exp_row(row, shift, f32, xrow, work):
+    """``row[:] = exp(row - shift)`` in place: float32 rows with the float32 exp directly,
+    float64 rows through the float64 buffers ``xrow``, ``work`` of ``exp_inplace``."""
+    n = row.shape[0]
+    if f32:
+        exp32_shift_inplace(row, shift)
+    else:
+        for t in range(n):
+            xrow[t] = row[t] - shift
+        exp_inplace(xrow, work, n)
+        for t in range(n):
+            row[t] = xrow[t]
+
+
+@njit(**JIT)
 def _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shared, scale):
     """In place: S[a, t] <- scale * S[a, t] - log n_ij for allowed pairs, -inf otherwise.
 
@@ -297,24 +312,13 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
                 for t in range(nk):
                     S[a, t] = 0.0
                 continue
+            _exp_row(S[a], m, f32, xrow, work)                # e^(s - max)
             total = 0.0
-            if f32:                                            # float32 rows: exp in place
-                row = S[a]
-                exp32_shift_inplace(row, m)                    # e^(s - max)
-                for t in range(nk):
-                    total += row[t]
-                inv = 1.0 / total
-                for t in range(nk):
-                    row[t] = row[t] * inv                      # p = softmax within the round
-            else:
-                for t in range(nk):
-                    xrow[t] = S[a, t] - m
-                exp_inplace(xrow, work, nk)                    # e^(s - max)
-                for t in range(nk):
-                    total += xrow[t]
-                inv = 1.0 / total
-                for t in range(nk):
-                    S[a, t] = xrow[t] * inv                    # p = softmax within the round
+            for t in range(nk):
+                total += S[a, t]
+            inv = 1.0 / total
+            for t in range(nk):
+                S[a, t] = S[a, t] * inv                        # p = softmax within the round
             row_lse[a] = m + math.log(total)
         O = np.dot(S, Vb)                                      # o_r = P V            (nq, Dv)
         for a in range(nq):
@@ -371,20 +375,11 @@ def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm
                     S[a, t] = 0.0
                     dP[a, t] = 0.0
                 continue
-            if f32:                                            # float32 rows: exp in place
-                row = S[a]
-                for t in range(nk):
-                    row[t] = min(row[t] - L, 0.0)              # s - L <= 0 (-inf when masked)
-                exp32_shift_inplace(row, 0.0)                  # p = exp(s - L), L over all rounds
-                for t in range(nk):
-                    dP[a, t] = row[t] * (dP[a, t] - di)        # dS = P (dP - rowsum(P dP))
-            else:
-                for t in range(nk):
-                    xrow[t] = min(S[a, t] - L, 0.0)            # s - L <= 0 (-inf when masked)
-                exp_inplace(xrow, work, nk)                    # p = exp(s - L), L over all rounds
-                for t in range(nk):
-                    S[a, t] = xrow[t]
-                    dP[a, t] = xrow[t] * (dP[a, t] - di)       # dS = P (dP - rowsum(P dP))
+            for t in range(nk):
+                S[a, t] = min(S[a, t] - L, 0.0)                # s - L <= 0 (-inf when masked)
+            _exp_row(S[a], 0.0, f32, xrow, work)               # p = exp(s - L), L over all rounds
+            for t in range(nk):
+                dP[a, t] = S[a, t] * (dP[a, t] - di)           # dS = P (dP - rowsum(P dP))
         dVb = np.dot(S.T, dOb)                                 # dV = P^T dO          (nk, Dv)
         dQb = np.dot(dP, Kb)                                   # dQ = s dS K          (nq, D)
         dKb = np.dot(dP.T, Qb)                                 # dK = s dS^T Q        (nk, D)
