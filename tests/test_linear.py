@@ -213,6 +213,19 @@ def test_scan_kernels_match_cumsum_reference(block, dtype):
         np.testing.assert_allclose(x, y, rtol=10 * rtol, atol=10 * rtol)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_scan_kernels_pairing_of_tokens(n):
+    """The scans advance two tokens per pass; short and even/odd lengths against the reference."""
+    a, b, v, eps, dout = _kernel_inputs(n=n)
+    out, den = K.causal_forward(a, b, v, eps)
+    ref_out, ref_den = K.causal_forward_reference(a, b, v, eps)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(den, ref_den, rtol=1e-12)
+    for x, y in zip(K.causal_backward(a, b, v, out, den, dout),
+                    K.causal_backward_reference(a, b, v, ref_out, ref_den, dout)):
+        np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 def test_chunked_matches_reference(chunk):
     a, b, v, eps, dout = _kernel_inputs(n=21)
