@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .kernels import favor as _favor
 from .kernels.fastexp import exp_
 from .validate import as_float_array, check_int, check_real
 
@@ -170,6 +171,9 @@ class EluFeatureMap(FeatureMap):
 # --------------------------------------------------------------------------- FAVOR+
 #: rows of x per block in the Performer map (temporaries stay block-sized, in cache)
 ROW_BLOCK = 2048
+#: float32 FAVOR+ (``kind="positive"``) runs its elementwise work in the numba row kernels of
+#: :mod:`efficient_attention.kernels.favor` (False: the NumPy lines, as for float64)
+ROW_KERNELS = True
 
 
 class _PerformerCache(NamedTuple):
@@ -292,6 +296,8 @@ class PerformerFeatureMap(FeatureMap):
             raise ValueError("x must contain only finite values (check_finite=True)")
         if shift not in (None, "row", "shared", "bound"):
             raise ValueError(f"shift must be None, 'row', 'shared' or 'bound', got {shift!r}")
+        if self._kernel_path(x):
+            return self._forward_kernels(x, shift)
         h, omega = self._exponent(x)                                 # (rows, F)
         lead, n_f = x.shape[:-1], h.shape[1]
         n = x.shape[-2] if x.ndim >= 2 else 1
@@ -318,6 +324,43 @@ class PerformerFeatureMap(FeatureMap):
         phi = h.reshape(lead + (n_f,))
         return phi, s, _PerformerCache(x, phi, omega)
 
+    def _kernel_path(self, x):
+        return (ROW_KERNELS and x.dtype == np.float32 and self.kind == "positive" and x.ndim >= 2
+                and x.size > 0 and self.omega.shape[0] > 0)
+
+    def _forward_kernels(self, x, shift):
+        """``_forward`` for float32 positive features: per block of rows one BLAS product, then
+        one pass of :func:`~efficient_attention.kernels.favor.favor_rows` (the same steps)."""
+        d = x.shape[-1]
+        omega = self.omega.astype(np.float32)
+        w_t = np.ascontiguousarray((omega * np.float32(d ** -0.25)).T)   # (ω D^(-1/4))ᵀ  (D, m)
+        x2 = np.ascontiguousarray(x.reshape(-1, d))
+        rows, m, n = x2.shape[0], omega.shape[0], x.shape[-2]
+        lead = x.shape[:-1]
+        h = np.empty((rows, m), np.float32)
+        row_max = np.empty(rows, np.float32)
+        mode = {"row": _favor.ROW_SHIFT, "shared": _favor.EXPONENT_ONLY}.get(shift, _favor.FIXED_SHIFT)
+        fixed = self._bound(np.float32) if shift == "bound" else 0.0
+        half, norm = 0.5 * d ** -0.5, float(self._norm(x))
+        for r0 in range(0, rows, ROW_BLOCK):
+            xb, hb = x2[r0:r0 + ROW_BLOCK], h[r0:r0 + ROW_BLOCK]
+            np.matmul(xb, w_t, out=hb)                               # ωᵀx′
+            _favor.favor_rows(hb, xb, half, norm, fixed, mode, row_max[r0:r0 + ROW_BLOCK])
+        if shift == "row":
+            s = row_max.reshape(lead)
+        elif shift == "shared":                                      # the maximum over each sequence
+            s = row_max.reshape(-1, n).max(axis=-1)
+            rows_s = np.repeat(s, n)
+            for r0 in range(0, rows, ROW_BLOCK):
+                _favor.favor_scale_rows(h[r0:r0 + ROW_BLOCK], rows_s[r0:r0 + ROW_BLOCK], norm)
+            s = s.reshape(lead[:-1])
+        elif shift == "bound":
+            s = np.full(lead[:-1], fixed, np.float32)
+        else:
+            s = None
+        phi = h.reshape(lead + (m,))
+        return phi, s, _PerformerCache(x, phi, omega)
+
     def _stable(self, x, shift):
         return self._forward(x, shift)
 
@@ -330,6 +373,8 @@ class PerformerFeatureMap(FeatureMap):
         m = omega.shape[0]
         x2, phi2 = x.reshape(-1, d), phi.reshape(-1, phi.shape[-1])
         dphi2 = np.reshape(dphi, phi2.shape)
+        if self._kernel_path(x) and phi2.dtype == np.float32 and np.asarray(dphi2).dtype == np.float32:
+            return self._backward_kernels(x, phi2, np.asarray(dphi2), omega)
         dx = np.empty(x2.shape, np.result_type(dphi2.dtype, phi2.dtype, omega.dtype))
         for r0 in range(0, x2.shape[0], ROW_BLOCK):
             rows = slice(r0, r0 + ROW_BLOCK)
@@ -339,6 +384,25 @@ class PerformerFeatureMap(FeatureMap):
             dxb[...] = dproj @ omega                                 # dh·ω
             dxb -= x2[rows] * (c * dh.sum(axis=-1))[:, None]         # − (Σ_r dh_r)·x′
             dxb *= c                                                 # dx = dx′·D^(-1/4)
+        return dx.reshape(x.shape)
+
+    def _backward_kernels(self, x, phi2, dphi2, omega):
+        """``backward`` for float32 positive features: per block of rows, one pass of
+        :func:`~efficient_attention.kernels.favor.favor_grad_rows`, the BLAS product ``dh·ω``
+        and one pass of :func:`~efficient_attention.kernels.favor.favor_dx_rows`."""
+        d = x.shape[-1]
+        x2 = np.ascontiguousarray(x.reshape(-1, d))
+        phi2, dphi2 = np.ascontiguousarray(phi2), np.ascontiguousarray(dphi2)
+        rows = x2.shape[0]
+        dx = np.empty(x2.shape, np.float32)
+        dh = np.empty((min(rows, ROW_BLOCK), phi2.shape[1]), np.float32)
+        row_sum = np.empty(min(rows, ROW_BLOCK), np.float32)
+        for r0 in range(0, rows, ROW_BLOCK):
+            nb = min(ROW_BLOCK, rows - r0)
+            sl = slice(r0, r0 + nb)
+            _favor.favor_grad_rows(dphi2[sl], phi2[sl], dh[:nb], row_sum[:nb])   # dh = dφ ⊙ φ
+            np.matmul(dh[:nb], omega, out=dx[sl])                               # dh·ω
+            _favor.favor_dx_rows(dx[sl], x2[sl], row_sum[:nb], d ** -0.25)      # − (Σ_r dh_r)·x′, ·D^(-1/4)
         return dx.reshape(x.shape)
 
 
