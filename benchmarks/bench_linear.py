@@ -176,6 +176,9 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d", type=int, default=64, help="d = dv = m (default 64)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these configurations (names as in the table, e.g. performer "
+                        "'performer_causal (scan)'; 'torch' for the PyTorch peer)")
     p.add_argument("--rss-only", action="store_true",
                    help="only the whole-process memory check of the causal scan at the largest N")
     p.add_argument("--blas-threads", type=int, default=None,
@@ -211,14 +214,19 @@ def _run(args):
           "the machine is shared, so compare rows of one run\n")
     rows = []
     for name, fmap, causal, method, max_n in CONFIGS:
+        if args.only and name not in args.only:
+            continue
         core = build(d, m, causal, method, fmap=fmap)
         ns = [n for n in sizes if max_n is None or n <= max_n or args.quick]
         rows += run_config(name, core, ns, heads, d, m, peak, repeat, check_max_n=16384)
-    trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat)
+    want_torch = not args.only or "torch" in args.only
+    trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
     print(bench.markdown_table(rows + (trows or []), cols))
-    if trows is None:
+    if not want_torch:
+        print("\nPyTorch: not run (--only).")
+    elif trows is None:
         print("\nPyTorch: not installed (optional peer; not benchmarked).")
 
     # targets

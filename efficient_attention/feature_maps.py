@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .kernels import elu as _elu
 from .kernels import favor as _favor
 from .kernels.fastexp import exp_
 from .validate import as_float_array, check_int, check_real
@@ -161,18 +162,36 @@ class EluFeatureMap(FeatureMap):
         x = _check_x(x)
         if check_finite and not np.isfinite(x).all():
             raise ValueError("x must contain only finite values (check_finite=True)")
-        phi = np.where(x > 0, x + 1, exp_(np.minimum(x, 0)))       # elu(x) + 1   (..., N, D)
+        if _elu_kernel_path(x):                                       # one pass (kernels/elu.py)
+            phi = np.empty(x.shape, np.float32)
+            _elu.elu_plus_one(x.reshape(-1, x.shape[-1]), phi.reshape(-1, x.shape[-1]))
+        else:
+            phi = np.where(x > 0, x + 1, exp_(np.minimum(x, 0)))   # elu(x) + 1   (..., N, D)
         return phi, _EluCache(phi)
 
     def backward(self, cache: _EluCache, dphi):
-        return dphi * np.minimum(cache.phi, 1)                     # dx = dφ · min(φ, 1)
+        phi = cache.phi
+        dphi = np.asarray(dphi)
+        if _elu_kernel_path(phi) and _elu_kernel_path(dphi) and dphi.shape == phi.shape:
+            dx = np.empty(phi.shape, np.float32)
+            w = phi.shape[-1]
+            _elu.elu_backward(phi.reshape(-1, w), dphi.reshape(-1, w), dx.reshape(-1, w))
+            return dx
+        return dphi * np.minimum(phi, 1)                           # dx = dφ · min(φ, 1)
+
+
+def _elu_kernel_path(x):
+    """float32, C-contiguous, at least 1 row: the numba kernels (ROW_KERNELS permitting)."""
+    return (ROW_KERNELS and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim >= 1
+            and x.size > 0)
 
 
 # --------------------------------------------------------------------------- FAVOR+
 #: rows of x per block in the Performer map (temporaries stay block-sized, in cache)
 ROW_BLOCK = 2048
-#: float32 FAVOR+ (``kind="positive"``) runs its elementwise work in the numba row kernels of
-#: :mod:`efficient_attention.kernels.favor` (False: the NumPy lines, as for float64)
+#: float32 FAVOR+ (``kind="positive"``) and elu + 1 run their elementwise work in the numba
+#: kernels of :mod:`efficient_attention.kernels.favor` and :mod:`~efficient_attention.kernels.elu`
+#: (False: the NumPy lines, as for float64)
 ROW_KERNELS = True
 
 

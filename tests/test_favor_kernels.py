@@ -100,3 +100,41 @@ def test_float32_feature_map_kernels_against_float64():
         dx32 = fm.backward(c32, dphi.astype(np.float32))
         dx64 = fm.backward(c64, dphi)
         np.testing.assert_allclose(dx32, dx64, rtol=1e-4, atol=1e-5 * np.abs(dx64).max())
+
+
+# ------------------------------------------------------------------ elu + 1
+@pytest.mark.parametrize("impl", ["jit", "py_func"])
+def test_elu_kernels_match_references(impl):
+    from efficient_attention.kernels import elu
+    fwd = elu.elu_plus_one if impl == "jit" else elu.elu_plus_one.py_func
+    bwd = elu.elu_backward if impl == "jit" else elu.elu_backward.py_func
+    x = (3 * np.random.default_rng(9).standard_normal((33, 17))).astype(np.float32)
+    x[0, :5] = [0.0, -0.0, np.inf, -np.inf, np.nan]
+    x[1, :2] = [-100.0, 1e-30]
+    phi = np.empty_like(x)
+    fwd(x, phi)
+    want = elu.elu_plus_one_reference(x)
+    # NaN in the same places; below e^-87 the kernel flushes to 0 where numpy gives a subnormal
+    np.testing.assert_allclose(phi, want, rtol=2 * EPS32, atol=np.finfo(np.float32).tiny)
+    assert phi[0, 0] == 1 and phi[0, 1] == 1 and phi[0, 2] == np.inf and phi[0, 3] == 0
+    assert np.isnan(phi[0, 4]) and phi[1, 0] == 0
+    dphi = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
+    dx = np.empty_like(x)
+    bwd(phi, dphi, dx)
+    np.testing.assert_array_equal(dx, elu.elu_backward_reference(phi, dphi))
+
+
+def test_float32_elu_map_kernels_match_the_numpy_lines(monkeypatch):
+    from efficient_attention.feature_maps import EluFeatureMap
+    fm = EluFeatureMap()
+    x = (2 * np.random.default_rng(11).standard_normal((2, 3, 50, 8))).astype(np.float32)
+    dphi = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+    phi, cache = fm.forward(x)
+    dx = fm.backward(cache, dphi)
+    monkeypatch.setattr(feature_maps, "ROW_KERNELS", False)
+    phi_np, cache_np = fm.forward(x)
+    dx_np = fm.backward(cache_np, dphi)
+    assert phi.dtype == dx.dtype == np.float32
+    np.testing.assert_allclose(phi, phi_np, rtol=2 * EPS32)
+    np.testing.assert_allclose(dx, dx_np, rtol=2 * EPS32)
+    np.testing.assert_allclose(phi, fm.forward(x.astype(np.float64))[0], rtol=2e-7)
