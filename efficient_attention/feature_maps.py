@@ -123,6 +123,12 @@ class FeatureMap:
     def backward(self, cache, dphi):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _backward_consuming(self, cache, dphi):
+        """``backward`` for a ``dphi`` the caller gives up: the result may be written over it
+        (linear attention's ``dφ(Q)``, ``dφ(K)`` are temporaries; reusing them saves two
+        fresh ``N × D`` arrays per backward). Default: ``backward``."""
+        return self.backward(cache, dphi)
+
     def __call__(self, x):
         return self.forward(x)[0]
 
@@ -170,10 +176,16 @@ class EluFeatureMap(FeatureMap):
         return phi, _EluCache(phi)
 
     def backward(self, cache: _EluCache, dphi):
+        return self._backward(cache, dphi, False)
+
+    def _backward_consuming(self, cache, dphi):
+        return self._backward(cache, dphi, True)
+
+    def _backward(self, cache, dphi, consume):
         phi = cache.phi
         dphi = np.asarray(dphi)
         if _elu_kernel_path(phi) and _elu_kernel_path(dphi) and dphi.shape == phi.shape:
-            dx = np.empty(phi.shape, np.float32)
+            dx = dphi if consume and dphi.flags.writeable else np.empty(phi.shape, np.float32)
             w = phi.shape[-1]
             _elu.elu_backward(phi.reshape(-1, w), dphi.reshape(-1, w), dx.reshape(-1, w))
             return dx
@@ -386,6 +398,12 @@ class PerformerFeatureMap(FeatureMap):
     def backward(self, cache: _PerformerCache, dphi):
         """``dx = D^(-1/4)·(dh·ω − (Σ_r dh_r)·x′)`` with ``dh = dφ ⊙ φ`` (hyperbolic: the two
         halves of ``dh`` enter ``ω`` with opposite signs), by blocks of ``ROW_BLOCK`` rows."""
+        return self._backward(cache, dphi, False)
+
+    def _backward_consuming(self, cache, dphi):
+        return self._backward(cache, dphi, True)
+
+    def _backward(self, cache, dphi, consume):
         x, phi, omega = cache
         d = x.shape[-1]
         c = x.dtype.type(d ** -0.25)
@@ -393,7 +411,7 @@ class PerformerFeatureMap(FeatureMap):
         x2, phi2 = x.reshape(-1, d), phi.reshape(-1, phi.shape[-1])
         dphi2 = np.reshape(dphi, phi2.shape)
         if self._kernel_path(x) and phi2.dtype == np.float32 and np.asarray(dphi2).dtype == np.float32:
-            return self._backward_kernels(x, phi2, np.asarray(dphi2), omega)
+            return self._backward_kernels(x, phi2, np.asarray(dphi2), omega, consume)
         dx = np.empty(x2.shape, np.result_type(dphi2.dtype, phi2.dtype, omega.dtype))
         for r0 in range(0, x2.shape[0], ROW_BLOCK):
             rows = slice(r0, r0 + ROW_BLOCK)
@@ -405,15 +423,18 @@ class PerformerFeatureMap(FeatureMap):
             dxb *= c                                                 # dx = dx′·D^(-1/4)
         return dx.reshape(x.shape)
 
-    def _backward_kernels(self, x, phi2, dphi2, omega):
+    def _backward_kernels(self, x, phi2, dphi2, omega, consume=False):
         """``backward`` for float32 positive features: per block of rows, one pass of
         :func:`~efficient_attention.kernels.favor.favor_grad_rows`, the BLAS product ``dh·ω``
-        and one pass of :func:`~efficient_attention.kernels.favor.favor_dx_rows`."""
+        and one pass of :func:`~efficient_attention.kernels.favor.favor_dx_rows`. With
+        ``consume`` and ``F = D``, ``dx`` is written over ``dφ`` (each block of ``dφ`` is read
+        into ``dh`` before its rows of ``dx`` are written)."""
         d = x.shape[-1]
         x2 = np.ascontiguousarray(x.reshape(-1, d))
+        consume = consume and dphi2.shape == x2.shape and dphi2.flags.c_contiguous and dphi2.flags.writeable
         phi2, dphi2 = np.ascontiguousarray(phi2), np.ascontiguousarray(dphi2)
         rows = x2.shape[0]
-        dx = np.empty(x2.shape, np.float32)
+        dx = dphi2 if consume else np.empty(x2.shape, np.float32)
         dh = np.empty((min(rows, ROW_BLOCK), phi2.shape[1]), np.float32)
         row_sum = np.empty(min(rows, ROW_BLOCK), np.float32)
         for r0 in range(0, rows, ROW_BLOCK):

@@ -284,9 +284,12 @@ class LinearAttention(AttentionCore):
         else:
             dphq, dphk, dv = _backward_noncausal(cache.phq, cache.phk, cache.v, cache.out, cache.den,
                                                  cache.s, cache.z, dout)
-        dq = self.feature_map.backward(cache.cache_q, dphq)
+        # dφ(Q), dφ(K) are temporaries: a FeatureMap may write dQ, dK over them
+        fm_backward = (self.feature_map._backward_consuming if isinstance(self.feature_map, FeatureMap)
+                       else self.feature_map.backward)
+        dq = fm_backward(cache.cache_q, dphq)
         del dphq                                                 # keep the peak at O(N·(F + Dv))
-        dk = self.feature_map.backward(cache.cache_k, dphk)
+        dk = fm_backward(cache.cache_k, dphk)
         return Grads(dq, dk, dv, {})
 
     # ------------------------------------------------------------------ the RNN view

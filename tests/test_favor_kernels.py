@@ -138,3 +138,20 @@ def test_float32_elu_map_kernels_match_the_numpy_lines(monkeypatch):
     np.testing.assert_allclose(phi, phi_np, rtol=2 * EPS32)
     np.testing.assert_allclose(dx, dx_np, rtol=2 * EPS32)
     np.testing.assert_allclose(phi, fm.forward(x.astype(np.float64))[0], rtol=2e-7)
+
+
+@pytest.mark.parametrize("fmap", ["elu", "performer"])
+def test_consuming_backward_equals_backward_and_only_overwrites_when_allowed(fmap):
+    """LinearAttention hands its dφ temporaries to ``_backward_consuming``, which may write dx
+    over them; ``backward`` never touches its argument."""
+    from efficient_attention.feature_maps import EluFeatureMap
+    fm = EluFeatureMap() if fmap == "elu" else _performer(d=8, m=8)
+    x = np.random.default_rng(13).standard_normal((2, 2100, 8)).astype(np.float32)
+    dphi = np.random.default_rng(14).standard_normal(x.shape).astype(np.float32)
+    phi, cache = fm.forward(x)
+    keep = dphi.copy()
+    dx = fm.backward(cache, dphi)
+    np.testing.assert_array_equal(dphi, keep)
+    dx2 = fm._backward_consuming(cache, dphi)
+    np.testing.assert_array_equal(dx2, dx)
+    assert np.shares_memory(dx2, dphi)
