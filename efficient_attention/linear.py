@@ -117,20 +117,27 @@ class _LinearCache(NamedTuple):
 def _forward_noncausal(phq, phk, v, eps_rows):
     s = np.swapaxes(phk, -1, -2) @ v                        # S = φ(K)ᵀV            (..., F, Dv)
     z = phk.sum(axis=-2)                                    # z = φ(K)ᵀ1            (..., F)
-    num = phq @ s                                           # φ(Q) S                (..., N, Dv)
-    den = np.einsum("...nf,...f->...n", phq, z) + eps_rows  # φ(Q) z + ε            (..., N)
-    out = num * _safe_inv(den)[..., None]                   # (..., N, Dv)
+    out = phq @ s                                           # φ(Q) S                (..., N, Dv)
+    den = (phq @ z[..., None])[..., 0] + eps_rows           # φ(Q) z + ε            (..., N)
+    out *= _safe_inv(den)[..., None]                        # in place: one N × Dv array, not two
     return out, den, s, z
 
 
 def _backward_noncausal(phq, phk, v, out, den, s, z, dout):
     inv = _safe_inv(den)
-    g = dout * inv[..., None]                               # g = dO/den            (..., N, Dv)
-    c = -np.einsum("...nc,...nc->...n", dout, out) * inv    # c = −dO·o/den         (..., N)
-    dphq = g @ np.swapaxes(s, -1, -2) + c[..., None] * z[..., None, :]   # G Sᵀ + c zᵀ  (..., N, F)
-    ds = np.swapaxes(phq, -1, -2) @ g                       # dS = φ(Q)ᵀ G          (..., F, Dv)
-    dz = np.einsum("...nf,...n->...f", phq, c)              # dz = φ(Q)ᵀ c          (..., F)
-    dphk = v @ np.swapaxes(ds, -1, -2) + dz[..., None, :]   # V dSᵀ + 1 dzᵀ         (..., M, F)
+    dv_ = dout.shape[-1]
+    # [G | c] with g = dO/den, c = −dO·o/den side by side, so that each product below is one
+    # GEMM: dφ(Q) = [G | c][S | z]ᵀ = G Sᵀ + c zᵀ and [dS | dz] = φ(Q)ᵀ[G | c]
+    gc = np.empty(dout.shape[:-1] + (dv_ + 1,), dout.dtype)                   # (..., N, Dv + 1)
+    np.multiply(dout, inv[..., None], out=gc[..., :dv_])
+    gc[..., dv_] = -np.einsum("...nc,...nc->...n", dout, out) * inv
+    sz = np.concatenate([s, z[..., None]], axis=-1)                            # [S | z]  (..., F, Dv + 1)
+    dphq = gc @ np.swapaxes(sz, -1, -2)                     # G Sᵀ + c zᵀ           (..., N, F)
+    dsz = np.swapaxes(phq, -1, -2) @ gc                     # [dS | dz] = φ(Q)ᵀ[G | c]  (..., F, Dv + 1)
+    del gc
+    ds, dz = dsz[..., :dv_], dsz[..., dv_]
+    dphk = v @ np.swapaxes(ds, -1, -2)                      # V dSᵀ                 (..., M, F)
+    dphk += dz[..., None, :]                                # + 1 dzᵀ (in place)
     dv = phk @ ds                                           # dV = φ(K) dS          (..., M, Dv)
     return dphq, dphk, dv
 
