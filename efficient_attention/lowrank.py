@@ -187,7 +187,7 @@ def _linformer_backward(cache: _LinformerCache, dout):
     """The projections' products by blocks of ``PROJ_BLOCK`` key positions, with the batch side
     by side (one GEMM per block and product): each block of ``E``, ``K``, ``V`` is read once
     while it is in cache, and every temporary is block-sized. At M = 65536, 8 heads, alone:
-    about 490 ms for dK, dV, dE, dF, against 860 ms for per-head products with a whole-array
+    about 490 ms for dK, dV, dE, dF, against 800 ms for per-head products with a whole-array
     transposed copy of K and V (``tensordot``)."""
     k, v, e, f, att = cache
     dq, dkr, dvr = _attend_backward(att, dout)                  # dQ, dK̃, dṼ
