@@ -166,9 +166,22 @@ class _LinformerCache(NamedTuple):
     attend: _AttendCache
 
 
+def _project(e, x):
+    """``E X`` for ``x (..., M, W)``: ``(..., K, W)``, summed over blocks of ``PROJ_BLOCK`` key
+    positions with the batch side by side (``E`` read once, not once per (batch, head))."""
+    m, w = x.shape[-2:]
+    x3 = x.reshape((-1, m, w))
+    acc = np.zeros((e.shape[0], x3.shape[0] * w), np.result_type(e, x))   # (K, B·W)
+    for m0 in range(0, m, PROJ_BLOCK):
+        cols = slice(m0, min(m, m0 + PROJ_BLOCK))
+        acc += e[:, cols] @ _side_by_side(x3[:, cols])
+    return np.ascontiguousarray(np.moveaxis(acc.reshape(e.shape[0], -1, w), 1, 0)).reshape(
+        x.shape[:-2] + (e.shape[0], w))
+
+
 def _linformer_forward(q, k, v, e, f, scale, block=None):
-    kr = e @ k                                                  # K̃ = E K            (..., K, D)
-    vr = (e if f is None else f) @ v                            # Ṽ = F V            (..., K, Dv)
+    kr = _project(e, k)                                         # K̃ = E K            (..., K, D)
+    vr = _project(e if f is None else f, v)                     # Ṽ = F V            (..., K, Dv)
     out, att = _attend(q, kr, vr, scale, None, block)          # softmax(s Q K̃ᵀ) Ṽ  (..., N, Dv)
     return out, _LinformerCache(k, v, e, f, att)
 
