@@ -166,6 +166,16 @@ class _LinformerCache(NamedTuple):
     attend: _AttendCache
 
 
+def _side_by_side(x):
+    """``(..., P, W)`` -> ``(P, B·W)``: the batch's matrices side by side (a contiguous copy)."""
+    p, w = x.shape[-2:]
+    return np.ascontiguousarray(np.moveaxis(x.reshape(-1, p, w), 0, 1)).reshape(p, -1)
+
+
+#: key positions per block of Linformer's products with E and F (forward and backward)
+PROJ_BLOCK = 4096
+
+
 def _project(e, x):
     """``E X`` for ``x (..., M, W)``: ``(..., K, W)``, summed over blocks of ``PROJ_BLOCK`` key
     positions with the batch side by side (``E`` read once, not once per (batch, head))."""
@@ -184,16 +194,6 @@ def _linformer_forward(q, k, v, e, f, scale, block=None):
     vr = _project(e if f is None else f, v)                     # Ṽ = F V            (..., K, Dv)
     out, att = _attend(q, kr, vr, scale, None, block)          # softmax(s Q K̃ᵀ) Ṽ  (..., N, Dv)
     return out, _LinformerCache(k, v, e, f, att)
-
-
-def _side_by_side(x):
-    """``(..., P, W)`` -> ``(P, B·W)``: the batch's matrices side by side (a contiguous copy)."""
-    p, w = x.shape[-2:]
-    return np.ascontiguousarray(np.moveaxis(x.reshape(-1, p, w), 0, 1)).reshape(p, -1)
-
-
-#: key positions per block of the Linformer backward's projection products
-PROJ_BLOCK = 4096
 
 
 def _linformer_backward(cache: _LinformerCache, dout):

@@ -463,3 +463,22 @@ def test_cost_linear_in_n_for_linformer_and_quadratic_for_compressed():
     assert 15 < ratio <= 16
     dense = DenseAttention().cost(3 * 1024, 64).flops
     assert comp.cost(3 * 1024, 64).flops < dense / 2.5          # about c = 3 times less, plus the convolutions
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_linformer_projection_blocks_match_direct_formula(shared, monkeypatch):
+    """E K, F V and their gradients run by blocks of PROJ_BLOCK key positions (with a ragged last
+    block here: 7 = 3 + 3 + 1) and equal the one-block result and the direct formula."""
+    import efficient_attention.lowrank as lowrank
+    m, d, dv, kp = 7, 4, 3, 3
+    core = LinformerAttention.init(m, kp, seed=4, shared=shared)
+    q, k, v, dout = (_rand((2, 3) + s, i) for i, s in enumerate([(5, d), (m, d), (m, dv), (5, dv)]))
+    out1, cache1 = core.forward(q, k, v)
+    g1 = core.backward(cache1, dout)
+    monkeypatch.setattr(lowrank, "PROJ_BLOCK", 3)
+    _check_against(core, lambda: naive_linformer(q, k, v, core.e, core.f, dout), q, k, v, dout, np.float64)
+    out3, cache3 = core.forward(q, k, v)
+    g3 = core.backward(cache3, dout)
+    np.testing.assert_allclose(out3, out1, rtol=1e-13)
+    for a, b in zip(list(g3[:3]) + list(g3.params.values()), list(g1[:3]) + list(g1.params.values())):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
