@@ -185,6 +185,9 @@ def main(argv=None):
                    help="limit BLAS threads (threadpoolctl) for the timed runs; on a busy shared machine "
                         "1 avoids OpenBLAS threads waiting on each other (default: BLAS's own)")
     args = p.parse_args(argv)
+    known = [c[0] for c in CONFIGS] + ["torch"]
+    if args.only and set(args.only) - set(known):
+        p.error(f"--only: unknown {sorted(set(args.only) - set(known))}; choose from {known}")
     if args.blas_threads is not None:
         from threadpoolctl import threadpool_limits
         with threadpool_limits(args.blas_threads, "blas"):

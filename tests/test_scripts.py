@@ -29,3 +29,12 @@ def test_benchmark_quick(script):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(notebook):
     _run([str(notebook)])
+
+
+def test_bench_linear_only_selects_and_rejects_unknown_names():
+    script = ROOT / "benchmarks" / "bench_linear.py"
+    out = _run([str(script), "--quick", "--only", "performer_causal (scan)"])
+    assert "| performer_causal (scan) |" in out and "| performer |" not in out
+    bad = subprocess.run([sys.executable, str(script), "--quick", "--only", "performer_causal"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown ['performer_causal']" in bad.stderr
