@@ -54,27 +54,34 @@ CONFIGS = [
 
 
 def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
-    rows, prev = [], None
-    for i, n in enumerate(sizes):
+    """The rows of one configuration; every size's forward and forward+backward timed in
+    interleaved rounds (:func:`efficient_attention.bench.interleaved_times`)."""
+    inputs, fns = {}, {}
+    for n in sizes:
         q, k, v, dout = bench.random_qkv((heads,), n, d, d, np.float32, seed=1)
         q *= 0.5                                                  # FAVOR+-friendly scale (‖q′‖ ~ 1.4)
         k *= 0.5
-        state = {}
+        inputs[n] = (q, k, v, dout)
 
-        def fwd():
-            state["out"] = core.forward(q, k, v)[0]
-
-        def fwd_bwd():
-            out, cache = core.forward(q, k, v)
+    def call(n, backward):
+        q, k, v, dout = inputs[n]
+        out, cache = core.forward(q, k, v)
+        if backward:
             core.backward(cache, dout)
+        return out
 
-        reps = repeat if n <= 65536 else max(1, repeat - 1)
-        t_f = bench.median_time(fwd, reps, warmup=1 if i == 0 else 0)
-        t_fb = bench.median_time(fwd_bwd, reps, warmup=1 if i == 0 else 0)
+    for kind in ("fwd", "fwd+bwd"):
+        for n in sizes:
+            fns[n, kind] = lambda n=n, b=kind == "fwd+bwd": call(n, b)
+    times = bench.interleaved_times(fns, repeat, warmup=1)
+    rows, prev = [], None
+    for n in sizes:
+        q, k, v, dout = inputs[n]
+        t_f, t_fb = times[n, "fwd"], times[n, "fwd+bwd"]
         cf = core.cost(n, d, d).scaled(heads).flops
         cb = core.cost(n, d, d, backward=True).scaled(heads).flops
         inputs_mb = 4 * q.nbytes / 2**20
-        traced = bench.traced_peak(fwd_bwd) / 2**20
+        traced = bench.traced_peak(lambda: call(n, True)) / 2**20
         row = {
             "variant": name, "N": n,
             "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
@@ -89,11 +96,12 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             row["×N→4N fwd+bwd"] = row["fwd+bwd ms"] / prev["fwd+bwd ms"]
         if n <= check_max_n:
             ref = core(*(np.asarray(a[:1], np.float64) for a in (q, k, v)))
-            row["err vs f64"] = bench.rel_error(state["out"][:1], ref)
+            row["err vs f64"] = bench.rel_error(call(n, False)[:1], ref)
         rows.append(row)
         prev = row
         print(f"  {name} N={n}: fwd {row['fwd ms']:.1f} ms, fwd+bwd {row['fwd+bwd ms']:.1f} ms",
               file=sys.stderr, flush=True)
+    del inputs
     return rows
 
 
@@ -184,7 +192,12 @@ def main(argv=None):
     p.add_argument("--blas-threads", type=int, default=None,
                    help="limit BLAS threads (threadpoolctl) for the timed runs; on a busy shared machine "
                         "1 avoids OpenBLAS threads waiting on each other (default: BLAS's own)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave the C allocator as it is (default: bench.retain_freed_memory(), so that "
+                        "arrays of 32 MB or more are not fresh zeroed pages on every call)")
     args = p.parse_args(argv)
+    if not args.default_malloc:
+        bench.retain_freed_memory()
     known = [c[0] for c in CONFIGS] + ["torch"]
     if args.only and set(args.only) - set(known):
         p.error(f"--only: unknown {sorted(set(args.only) - set(known))}; choose from {known}")
@@ -210,11 +223,14 @@ def _run(args):
     peak = peak_info["float32"]
     print("# Chapter 4: linear attention (Performer FAVOR+), forward and forward+backward\n")
     print(bench.machine_header(with_peak=True))
+    print(bench.allocator_line())
     print(f"- BLAS threads for the timed runs: {args.blas_threads or 'default'} "
           f"(the GEMM peak above uses BLAS's default)")
     print(f"- float32, d = dv = m = {d}, {heads} heads, q and k standard normal × 0.5, v and dout standard "
-          f"normal; times are medians of {repeat} runs ({max(1, repeat - 1)} above N = 65536); "
-          "the machine is shared, so compare rows of one run\n")
+          f"normal; times are medians of {repeat} rounds after a warm-up round; a round times every "
+          "size of a configuration once, in turn (forward at each size, then forward+backward at each), "
+          "so that no call finds its inputs in cache from its own last repetition and drift hits all "
+          "sizes alike; the machine is shared, so compare rows of one run\n")
     rows = []
     for name, fmap, causal, method, max_n in CONFIGS:
         if args.only and name not in args.only:

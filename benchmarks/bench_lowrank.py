@@ -39,6 +39,23 @@ def _peers() -> str:
     return "PyTorch Linformer available but not benchmarked by this script (see the notes)."
 
 
+def _interleaved(cores, ns, d, heads, dtype, repeat):
+    """``{n: (t_fwd, t_fwd_bwd)}``: all sizes of one variant timed in interleaved rounds
+    (:func:`efficient_attention.bench.interleaved_times`), the inputs of ``bench_core``."""
+    fns = {}
+    for kind in ("fwd", "fwd+bwd"):
+        for n in ns:
+            q, k, v, dout = bench.random_qkv((heads,), n, d, d, dtype, 0)
+
+            def call(core=cores[n], q=q, k=k, v=v, dout=dout, backward=kind == "fwd+bwd"):
+                out, cache = core.forward(q, k, v)
+                if backward:
+                    core.backward(cache, dout)
+            fns[n, kind] = call
+    t = bench.interleaved_times(fns, repeat, warmup=1)
+    return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in ns}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
@@ -47,7 +64,12 @@ def main(argv=None) -> int:
                    help="limit BLAS threads (threadpoolctl); default: BLAS's own choice")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs per size (median); default 3, or 1 above 20 GFLOP")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave the C allocator as it is (default: bench.retain_freed_memory(), so that "
+                        "arrays of 32 MB or more are not fresh zeroed pages on every call)")
     args = p.parse_args(argv)
+    if not args.default_malloc:
+        bench.retain_freed_memory()
     if args.blas_threads is not None:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=args.blas_threads, user_api="blas")
@@ -68,10 +90,14 @@ def main(argv=None) -> int:
     dtype = np.float32
     print("# Chapter 3: no N x N matrix — Linformer and memory-compressed attention\n")
     print(bench.machine_header())
+    print(bench.allocator_line())
     print(f"- inputs: float32, d = dv = {d}, {heads} heads, standard normal; parameters float32; "
-          + (f"times are medians of {args.repeat} runs after a warm-up; " if args.repeat else
-             "times are medians of 3 runs after a warm-up (a single run when forward+backward "
-             "exceeds 20 GFLOP); ") +
+          + (f"times are medians of {args.repeat} rounds after a warm-up round; " if args.repeat else
+             "times are medians of 3 rounds after a warm-up round (1 round for a variant whose largest "
+             "forward+backward exceeds 20 GFLOP); ") +
+          "a round times every size of a variant once, in turn (forward at each size, then "
+          "forward+backward at each), so no call finds its inputs in cache from its own last "
+          "repetition; " +
           "peak MB = traced NumPy allocations of one forward + backward (inputs excluded); "
           "x4N = ratio to the row with N/4 (linear cost: <= 4.4)")
     print(f"- {_peers()}\n")
@@ -88,13 +114,14 @@ def main(argv=None) -> int:
     ]
     rows = []
     for label, ns, build, keys in configs:
+        cores = {n: build(n) for n in ns}
+        flops = max(cores[n].cost(n, d, d).flops * heads + cores[n].cost(n, d, d, backward=True).flops * heads
+                    for n in ns)
+        r = args.repeat if args.repeat else (3 if flops < big else 1)
+        times = _interleaved(cores, ns, d, heads, dtype, r)
         by_n = {}
         for n in ns:
-            core = build(n)
-            flops = core.cost(n, d, d).flops * heads + core.cost(n, d, d, backward=True).flops * heads
-            r = args.repeat if args.repeat else (3 if flops < big else 1)
-            row = bench.bench_core(core, n, d, d, heads=heads, dtype=dtype, repeat=r,
-                                   warmup=1 if r > 1 else 0, check=False)
+            row = bench.bench_core(cores[n], n, d, d, heads=heads, dtype=dtype, check=False, times=times[n])
             row = {"variant": label, "K": keys(n), **row}
             prev = by_n.get(n // 4)
             row["time x4N"] = row["fwd+bwd ms"] / prev["fwd+bwd ms"] if prev else None

@@ -12,6 +12,9 @@ What it measures, and how:
   subprocess started *without* ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``
   (which some machines set to dodge old OpenBLAS bugs; without them OpenBLAS
   picks its native kernel, whose name is reported via threadpoolctl);
+* **allocator**: the chapter 3 and 4 scripts call :func:`retain_freed_memory` first (unless
+  ``--default-malloc``), so that freed arrays are reused rather than returned to the kernel
+  and faulted back in as fresh zeroed pages — see its docstring for why and what it costs;
 * **useful FLOPs** from ``core.cost()``, so that a run's fraction of the GEMM
   peak is comparable across variants;
 * **error** against the float64 dense oracle: the core's own ``reference``
@@ -47,6 +50,8 @@ __all__ = [
     "rel_error",
     "bench_core",
     "random_qkv",
+    "retain_freed_memory",
+    "interleaved_times",
 ]
 
 
@@ -60,6 +65,75 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """Median wall time in seconds of each ``fns[key]()``, timed in rounds that call every key
+    once, in order (``warmup`` untimed rounds first).
+
+    For a scaling ratio (time at 4N over time at N) this is the fair comparison. Each call
+    follows a call of another key, so no size finds its inputs still in cache from its own
+    previous repetition. In ``repeat`` back-to-back calls only the smallest size gets that:
+    8 heads × 4096 × 64 float32 inputs fit this machine's 32 MB L3, larger ones do not. And
+    drift of a shared machine over the minutes of a run hits every size alike.
+    """
+    keys = list(fns)
+    times = {key: [] for key in keys}
+    for r in range(max(0, warmup) + max(1, repeat)):
+        for key in keys:
+            t0 = time.perf_counter()
+            fns[key]()
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+#: the glibc allocator's state as set by this process (see :func:`retain_freed_memory`)
+_ALLOCATOR = "default"
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's ``malloc`` to keep freed memory in the process (``mallopt``: no ``mmap``
+    for large blocks, no trimming of the heap). Returns False (and changes nothing) where
+    the C library is not glibc.
+
+    Why the benchmarks do this: by default glibc gives every block of 32 MB or more its own
+    ``mmap`` and returns it to the kernel on ``free``; the next array of that size is fresh
+    pages, which the kernel zeroes on first touch. Smaller blocks are reused from the heap.
+    A benchmark that steps N across that threshold (8 heads × 4096 × 64 float32 = 8 MB,
+    × 16384 = 32 MB) then charges the larger sizes for page zeroing that the smaller ones
+    never pay: measured on the benchmark machine, non-causal FAVOR+ forward 4096 → 16384
+    cost 4.5× by default and 3.95× with this call. jemalloc and tcmalloc (which PyTorch's
+    CPU tuning guide recommends) behave like this call by default; users can get the same
+    from glibc without code by setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>``.
+    The cost: the process keeps its peak heap size until it exits. It is process-wide,
+    which is why the library itself never calls it.
+    """
+    global _ALLOCATOR
+    import ctypes
+    import ctypes.util
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        # -1: never trim (man mallopt); a finite threshold is an int, under 2 GB, and the
+        # N = 262144 runs free more than that at once
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, -1) == 1
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        _ALLOCATOR = "glibc keeps freed memory (bench.retain_freed_memory: mallopt M_MMAP_MAX=0, " \
+                     "M_TRIM_THRESHOLD=-1)"
+    return ok
+
+
+def allocator_line() -> str:
+    """One Markdown line on the allocator's state (for benchmark headers)."""
+    if _ALLOCATOR == "default":
+        return ("- allocator: C library default (glibc: blocks above its mmap threshold, "
+                "at most 32 MB, are fresh zeroed pages on every allocation)")
+    return "- allocator: " + _ALLOCATOR
 
 
 def traced_peak(fn: Callable[[], object]) -> int:
@@ -222,13 +296,16 @@ def random_qkv(batch_shape, n, d, dv=None, dtype=np.float32, seed=0):
 
 def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
                dtype=np.float32, repeat: int = 3, warmup: int = 1, check: bool = True,
-               exact: bool | None = None, seed: int = 0, peak: dict | None = None) -> dict:
+               exact: bool | None = None, seed: int = 0, peak: dict | None = None,
+               times: tuple | None = None) -> dict:
     """Time one attention core's forward and forward+backward on random inputs.
 
     Returns a row: forward / backward times (ms, medians), GFLOP/s on the
     useful FLOPs from ``core.cost``, peak traced memory (MB), and the relative
     error of the output and of the gradients against the float64 dense oracle
     on the first head (masked by ``core.dense_mask`` unless ``exact`` is False).
+    ``times=(t_fwd, t_fwd_bwd)`` in seconds (e.g. from :func:`interleaved_times`) skips the
+    timing.
     """
     dv = d if dv is None else dv
     q, k, v, dout = random_qkv((heads,), n, d, dv, dtype, seed)
@@ -241,8 +318,14 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
         out, cache = core.forward(q, k, v)
         state["grads"] = core.backward(cache, dout)
 
-    t_fwd = median_time(fwd, repeat, warmup)
-    t_fb = median_time(fwd_bwd, repeat, warmup)
+    if times is None:
+        t_fwd = median_time(fwd, repeat, warmup)
+        t_fb = median_time(fwd_bwd, repeat, warmup)
+    else:
+        t_fwd, t_fb = times
+        if check:
+            fwd_bwd()                                         # the outputs compared below
+            fwd()
     fwd_cost = core.cost(n, d, dv).scaled(heads)
     bwd_cost = core.cost(n, d, dv, backward=True).scaled(heads)
     row = {

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -53,6 +54,20 @@ def test_harness_pieces():
     assert table.splitlines()[0] == "| a | b |" and "0.123" in table and "—" in table
     row = bench.bench_core(ea.DenseAttention(), 16, 4, heads=2, repeat=1)
     assert row["err out"] < 1e-5 and row["oracle"] == "dense"
+    given = bench.bench_core(ea.DenseAttention(), 16, 4, heads=2, times=(0.5, 2.0))
+    assert given["fwd ms"] == 500 and given["fwd+bwd ms"] == 2000 and given["err out"] < 1e-5
+
+
+def test_interleaved_times_visits_keys_in_rounds():
+    order = []
+
+    def fn(key, seconds):
+        order.append(key)
+        time.sleep(seconds)
+    t = bench.interleaved_times({"a": lambda: fn("a", 0.001), "b": lambda: fn("b", 0.004)},
+                                repeat=3, warmup=1)
+    assert order == ["a", "b"] * 4                    # 1 warm-up round + 3 timed rounds, in turn
+    assert set(t) == {"a", "b"} and t["a"] >= 0.001 and t["b"] >= 0.004
 
 
 def test_gemm_peak_and_rss_subprocesses():

@@ -38,3 +38,30 @@ def test_bench_linear_only_selects_and_rejects_unknown_names():
     bad = subprocess.run([sys.executable, str(script), "--quick", "--only", "performer_causal"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown ['performer_causal']" in bad.stderr
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from efficient_attention import bench
+ok = bench.retain_freed_memory() if sys.argv[1] == "retain" else None
+a = np.ones(2 ** 24); del a                      # 128 MB, allocated, touched and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = np.ones(2 ** 24); del a                      # the same again: fresh pages, or reused ones?
+print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(bench.allocator_line())
+"""
+
+
+def test_retain_freed_memory_reuses_large_blocks():
+    """With ``retain_freed_memory`` a second 128 MB array reuses the first one's pages (no page
+    faults); by default (glibc) it is fresh pages (at least one fault per 2 MB huge page)."""
+    out = {mode: _run(["-c", _FAULTS, mode]).splitlines() for mode in ("default", "retain")}
+    ok, retained = out["retain"][0].split()
+    assert out["default"][1].startswith("- allocator: C library default")
+    if ok == "False":                                  # not glibc: nothing may have changed
+        assert out["retain"][1].startswith("- allocator: C library default")
+        return
+    assert ok == "True" and "keeps freed memory" in out["retain"][1]
+    fresh = int(out["default"][0].split()[1])
+    assert int(retained) < 16 <= 64 <= fresh
