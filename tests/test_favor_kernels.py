@@ -104,11 +104,13 @@ def test_float32_feature_map_kernels_against_float64():
 
 # ------------------------------------------------------------------ elu + 1
 @pytest.mark.parametrize("impl", ["jit", "py_func"])
-def test_elu_kernels_match_references(impl):
+@pytest.mark.parametrize("rows", [33, "2 chunks + 5"])
+def test_elu_kernels_match_references(impl, rows):
     from efficient_attention.kernels import elu
     fwd = elu.elu_plus_one if impl == "jit" else elu.elu_plus_one.py_func
     bwd = elu.elu_backward if impl == "jit" else elu.elu_backward.py_func
-    x = (3 * np.random.default_rng(9).standard_normal((33, 17))).astype(np.float32)
+    rows = rows if isinstance(rows, int) else 2 * elu.CHUNK + 5          # ragged last chunk
+    x = (3 * np.random.default_rng(9).standard_normal((rows, 17))).astype(np.float32)
     x[0, :5] = [0.0, -0.0, np.inf, -np.inf, np.nan]
     x[1, :2] = [-100.0, 1e-30]
     phi = np.empty_like(x)

@@ -1,5 +1,5 @@
 r"""Kernels of the elu + 1 feature map (:class:`~efficient_attention.EluFeatureMap`), float32,
-beside their NumPy references.
+beside their NumPy references. Both stream whole chunks of rows per thread (numba prange).
 
 ``φ(x) = x + 1`` for ``x > 0`` and ``eˣ`` otherwise; ``dx = dφ·min(φ, 1)``. numpy evaluates
 the forward as five passes over the array (``minimum``, ``exp``, ``+ 1``, ``> 0``, ``where``)
@@ -11,35 +11,48 @@ flushes ``eˣ`` to 0 below ``x = -87``, where numpy returns a subnormal).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .config import JIT
+from .config import JIT, JIT_PARALLEL
 from .fastexp import exp32_shift_inplace
 
 __all__ = ["elu_plus_one", "elu_backward", "elu_plus_one_reference", "elu_backward_reference"]
 
 
-@njit(**JIT)
+#: rows per parallel chunk (the kernels stream: each thread takes whole chunks of rows)
+CHUNK = 1024
+
+
+@njit(**JIT_PARALLEL)
 def elu_plus_one(x, out):
-    """``out = elu(x) + 1`` for float32 ``x, out (R, D)`` (NaN stays NaN)."""
-    for r in range(x.shape[0]):
-        xr = x[r]
-        o = out[r]
-        for j in range(x.shape[1]):
-            y = xr[j]
-            o[j] = np.float32(0.0) if y > 0 else y          # exp(min(x, 0)), NaN passed on
-        exp32_shift_inplace(o, 0.0)
-        for j in range(x.shape[1]):
-            if xr[j] > 0:
-                o[j] = xr[j] + np.float32(1.0)
+    """``out = elu(x) + 1`` for float32 ``x, out (R, D)`` (NaN stays NaN); chunks of rows in
+    parallel."""
+    rows = x.shape[0]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            _elu_row(x[r], out[r])
 
 
 @njit(**JIT)
+def _elu_row(xr, o):
+    """One row: ``o = elu(xr) + 1``."""
+    for j in range(xr.shape[0]):
+        y = xr[j]
+        o[j] = np.float32(0.0) if y > 0 else y              # exp(min(x, 0)), NaN passed on
+    exp32_shift_inplace(o, 0.0)
+    for j in range(xr.shape[0]):
+        if xr[j] > 0:
+            o[j] = xr[j] + np.float32(1.0)
+
+
+@njit(**JIT_PARALLEL)
 def elu_backward(phi, dphi, dx):
-    """``dx = dφ·min(φ, 1)`` for float32 ``(R, D)`` arrays."""
-    for r in range(phi.shape[0]):
-        for j in range(phi.shape[1]):
-            dx[r, j] = dphi[r, j] * min(phi[r, j], np.float32(1.0))
+    """``dx = dφ·min(φ, 1)`` for float32 ``(R, D)`` arrays; chunks of rows in parallel."""
+    rows = phi.shape[0]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            for j in range(phi.shape[1]):
+                dx[r, j] = dphi[r, j] * min(phi[r, j], np.float32(1.0))
 
 
 def elu_plus_one_reference(x):
