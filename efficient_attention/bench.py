@@ -97,14 +97,15 @@ def retain_freed_memory() -> bool:
     for large blocks, no trimming of the heap). Returns False (and changes nothing) where
     the C library is not glibc.
 
-    Why the benchmarks do this: by default glibc gives every block of 32 MB or more its own
-    ``mmap`` and returns it to the kernel on ``free``; the next array of that size is fresh
-    pages, which the kernel zeroes on first touch. Smaller blocks are reused from the heap.
+    Why the benchmarks do this: by default glibc gives every block above its mmap threshold
+    (which adapts, up to 32 MB) its own ``mmap`` and returns it to the kernel on ``free``; the
+    next array of that size is fresh pages, which the kernel zeroes on first touch. Smaller
+    blocks are reused from the heap.
     A benchmark that steps N across that threshold (8 heads × 4096 × 64 float32 = 8 MB,
     × 16384 = 32 MB) then charges the larger sizes for page zeroing that the smaller ones
     never pay: measured on the benchmark machine, non-causal FAVOR+ forward 4096 → 16384
     cost 4.5× by default and 3.95× with this call. jemalloc and tcmalloc (which PyTorch's
-    CPU tuning guide recommends) behave like this call by default; users can get the same
+    CPU tuning guide recommends) also keep freed memory for reuse; users can get this
     from glibc without code by setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>``.
     The cost: the process keeps its peak heap size until it exits. It is process-wide,
     which is why the library itself never calls it.
