@@ -42,16 +42,16 @@ def _peers() -> str:
 def _interleaved(cores, ns, d, heads, dtype, repeat):
     """``{n: (t_fwd, t_fwd_bwd)}``: all sizes of one variant timed in interleaved rounds
     (:func:`efficient_attention.bench.interleaved_times`), the inputs of ``bench_core``."""
-    fns = {}
-    for kind in ("fwd", "fwd+bwd"):
-        for n in ns:
-            q, k, v, dout = bench.random_qkv((heads,), n, d, d, dtype, 0)
+    inputs = {n: bench.random_qkv((heads,), n, d, d, dtype, 0) for n in ns}   # every size's, at once
 
-            def call(core=cores[n], q=q, k=k, v=v, dout=dout, backward=kind == "fwd+bwd"):
-                out, cache = core.forward(q, k, v)
-                if backward:
-                    core.backward(cache, dout)
-            fns[n, kind] = call
+    def call(n, backward):
+        q, k, v, dout = inputs[n]
+        out, cache = cores[n].forward(q, k, v)
+        if backward:
+            cores[n].backward(cache, dout)
+
+    fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b))
+           for kind in ("fwd", "fwd+bwd") for n in ns}
     t = bench.interleaved_times(fns, repeat, warmup=1)
     return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in ns}
 
@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--blas-threads", type=int, default=None,
                    help="limit BLAS threads (threadpoolctl); default: BLAS's own choice")
-    p.add_argument("--repeat", type=int, default=None,
-                   help="timed runs per size (median); default 3, or 1 above 20 GFLOP")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed rounds (median; each round times every size of a variant once, "
+                        "after one warm-up round); default 3")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave the C allocator as it is (default: bench.retain_freed_memory(), so that "
                         "arrays of 32 MB or more are not fresh zeroed pages on every call)")
@@ -79,22 +80,18 @@ def main(argv=None) -> int:
         lin_ns = [256, 1024]
         comp_ns = [256, 1024]
         dense_max = 1024
-        big = 1e12                                                 # tiny sizes: always 3 runs
     else:
         d, heads, kp, c = 64, 8, 256, 3
         lin_ns = [4096, 16384, 65536, 262144]
         comp_ns = [2048, 4096, 8192]
         dense_max = 4096
-        big = 20e9                                                 # FLOPs above which one run is timed
 
     dtype = np.float32
     print("# Chapter 3: no N x N matrix — Linformer and memory-compressed attention\n")
     print(bench.machine_header())
     print(bench.allocator_line())
     print(f"- inputs: float32, d = dv = {d}, {heads} heads, standard normal; parameters float32; "
-          + (f"times are medians of {args.repeat} rounds after a warm-up round; " if args.repeat else
-             "times are medians of 3 rounds after a warm-up round (1 round for a variant whose largest "
-             "forward+backward exceeds 20 GFLOP); ") +
+          + f"times are medians of {args.repeat} rounds after a warm-up round; " +
           "a round times every size of a variant once, in turn (forward at each size, then "
           "forward+backward at each), so no call finds its inputs in cache from its own last "
           "repetition; " +
@@ -115,10 +112,7 @@ def main(argv=None) -> int:
     rows = []
     for label, ns, build, keys in configs:
         cores = {n: build(n) for n in ns}
-        flops = max(cores[n].cost(n, d, d).flops * heads + cores[n].cost(n, d, d, backward=True).flops * heads
-                    for n in ns)
-        r = args.repeat if args.repeat else (3 if flops < big else 1)
-        times = _interleaved(cores, ns, d, heads, dtype, r)
+        times = _interleaved(cores, ns, d, heads, dtype, args.repeat)
         by_n = {}
         for n in ns:
             row = bench.bench_core(cores[n], n, d, d, heads=heads, dtype=dtype, check=False, times=times[n])

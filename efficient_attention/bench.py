@@ -71,11 +71,11 @@ def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
     """Median wall time in seconds of each ``fns[key]()``, timed in rounds that call every key
     once, in order (``warmup`` untimed rounds first).
 
-    For a scaling ratio (time at 4N over time at N) this is the fair comparison. Each call
-    follows a call of another key, so no size finds its inputs still in cache from its own
-    previous repetition. In ``repeat`` back-to-back calls only the smallest size gets that:
-    8 heads × 4096 × 64 float32 inputs fit this machine's 32 MB L3, larger ones do not. And
-    drift of a shared machine over the minutes of a run hits every size alike.
+    Meant for growth factors (time at 4N over time at N). Each call follows a call of
+    another key, so no size finds its inputs still in cache from its own previous
+    repetition: in back-to-back repetitions, the smallest sizes can, and look cheaper.
+    Drift of a shared machine over a run also hits every key alike. Every key's inputs
+    must be held at once.
     """
     keys = list(fns)
     times = {key: [] for key in keys}
@@ -108,7 +108,8 @@ def retain_freed_memory() -> bool:
     CPU tuning guide recommends) also keep freed memory for reuse; users can get this
     from glibc without code by setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>``.
     The cost: the process keeps its peak heap size until it exits. It is process-wide,
-    which is why the library itself never calls it.
+    which is why the library itself never calls it. It covers the main arena (the main
+    thread's allocations, which is where NumPy arrays of a single-threaded script come from).
     """
     global _ALLOCATOR
     import ctypes
@@ -118,15 +119,19 @@ def retain_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        # -1: never trim (man mallopt); a finite threshold is an int, under 2 GB, and the
-        # N = 262144 runs free more than that at once
-        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, -1) == 1
+        # -1: never trim (man mallopt). mallopt takes an int, so a finite threshold is under
+        # 2 GB, and the N = 262144 runs free more than that at once (the environment variable
+        # MALLOC_TRIM_THRESHOLD_ takes a size_t)
+        no_mmap = libc.mallopt(m_mmap_max, 0) == 1
+        no_trim = no_mmap and libc.mallopt(m_trim_threshold, -1) == 1
     except (OSError, AttributeError):
         return False
-    if ok:
+    if no_trim:
         _ALLOCATOR = "glibc keeps freed memory (bench.retain_freed_memory: mallopt M_MMAP_MAX=0, " \
                      "M_TRIM_THRESHOLD=-1)"
-    return ok
+    elif no_mmap:                                  # half done: say so rather than "default"
+        _ALLOCATOR = "glibc with M_MMAP_MAX=0 only (mallopt M_TRIM_THRESHOLD=-1 was refused)"
+    return no_trim
 
 
 def allocator_line() -> str:
