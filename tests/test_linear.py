@@ -239,8 +239,9 @@ def test_chunked_matches_reference(chunk):
 
 
 def test_kernels_python_path_matches_reference():
-    """The plain-Python function behind the jit (NUMBA_DISABLE_JIT path), on a tiny input."""
-    a, b, v, eps, dout = _kernel_inputs(nh=2, n=5, f=3, dv=2)
+    """The plain-Python function behind the jit (NUMBA_DISABLE_JIT path), on a small input
+    (long enough for the reverse scan's prefetch hints, a no-op in Python)."""
+    a, b, v, eps, dout = _kernel_inputs(nh=2, n=2 * K.REVERSE_PREFETCH + 5, f=3, dv=2)
     out, den = np.empty_like(v), np.empty(a.shape[:2])
     getattr(K._causal_forward_kernel, "py_func", K._causal_forward_kernel)(a, b, v, eps, out, den)
     ref_out, ref_den = K.causal_forward_reference(a, b, v, eps)
@@ -249,6 +250,30 @@ def test_kernels_python_path_matches_reference():
     getattr(K._causal_backward_kernel, "py_func", K._causal_backward_kernel)(a, b, v, out, den, dout, *grads)
     for x, y in zip(grads, K.causal_backward_reference(a, b, v, out, den, dout)):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_prefetch_hint_changes_nothing(dtype):
+    """prefetch_range compiles for 1-D arrays of any dtype, clamps its bounds (out-of-range
+    and empty ranges included), returns None and leaves the array as it was; in Python it is a
+    no-op; a 2-D array is a typing error, not a silent hint."""
+    import numba
+    from efficient_attention.kernels.prefetch import prefetch_range
+
+    @numba.njit
+    def hint_all(x, ranges):
+        for k in range(ranges.shape[0]):
+            prefetch_range(x, ranges[k, 0], ranges[k, 1])
+        return x.sum()
+
+    x = np.arange(100).astype(dtype)
+    before = x.copy()
+    ranges = np.array([[0, 100], [-50, 10], [90, 500], [40, 40], [70, 20], [99, 100]])
+    assert hint_all(x, ranges) == before.sum()
+    np.testing.assert_array_equal(x, before)
+    assert prefetch_range(x, 0, 100) is None
+    with pytest.raises(numba.core.errors.TypingError):
+        numba.njit(lambda y: prefetch_range(y, 0, 4))(np.zeros((2, 2), dtype))
 
 
 def test_zero_denominator_gives_zero_output_and_gradient():

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
+from .prefetch import prefetch_range
 
 __all__ = [
     "causal_forward", "causal_backward",
@@ -204,6 +205,10 @@ def _dbdv_pair(rr, rt, r, a1, b1, v1, g1, c1, a2, b2, v2, g2, c2, acc1, acc2, db
         r[i] = ri
 
 
+#: how many tokens ahead of itself the reverse scan prefetches its input rows
+REVERSE_PREFETCH = 8
+
+
 @njit(**JIT_PARALLEL)
 def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
     """da by a forward scan (S_t recomputed), db and dv by a reverse-time scan, two tokens
@@ -252,7 +257,16 @@ def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
                 g1[c] = dout[h, t, c] * inv1
             _dbdv_pair(rr, rt, r, a[h, t], b[h, t], v[h, t], g1, c1, zf, zf, zv, zv, 0 * c1,
                        acc1, acc2, db[h, t], sf, dvv[h, t], sv)
+        af, bf, vf = a[h].reshape(-1), b[h].reshape(-1), v[h].reshape(-1)
+        of, df = out[h].reshape(-1), dout[h].reshape(-1)
         for t in range(n - 1 - odd, 0, -2):                  # pairs (t, t - 1), t the later
+            tp = t - 1 - REVERSE_PREFETCH                    # the pair this many tokens ahead
+            if tp >= 0:
+                prefetch_range(af, tp * f, (tp + 2) * f)
+                prefetch_range(bf, tp * f, (tp + 2) * f)
+                prefetch_range(vf, tp * dv, (tp + 2) * dv)
+                prefetch_range(of, tp * dv, (tp + 2) * dv)
+                prefetch_range(df, tp * dv, (tp + 2) * dv)
             inv1, c1 = _row_coefficients(den[h, t], dout[h, t], out[h, t], one)
             inv2, c2 = _row_coefficients(den[h, t - 1], dout[h, t - 1], out[h, t - 1], one)
             for c in range(dv):
