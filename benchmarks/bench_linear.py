@@ -9,7 +9,9 @@ N = 4096 ... 262144, in one run:
 * ``causal numpy cumsum`` causal, the NumPy ``cumsum`` reference (blocks of 256 tokens);
 * PyTorch-based linear attention when ``torch`` is importable (not a dependency).
 
-Also ``linear_elu_causal`` (elu + 1 features: no projection). Columns: medians;
+Also ``linear_elu_causal`` (elu + 1 features: no projection), and a memory-only control
+(``q + k + v`` in the same rounds: the growth factor of an exactly linear pass on this
+machine; not a target). Columns: medians;
 GFLOP/s on the useful FLOPs of ``cost()`` (per head: forward ``4·F·Dv·N``, backward
 ``8·F·Dv·N``, plus FAVOR+'s projections ``ωᵀq, ωᵀk``, ``2·N·D·m`` each way per input); the fraction of this
 machine's float32 GEMM peak (``bench.gemm_peak``); ``×N→4N`` the time ratio to
@@ -105,6 +107,32 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
     return rows
 
 
+def control_rows(sizes, heads, d, repeat):
+    """A linear-time control, not a target: ``q + k + v`` over the same float32 inputs, timed in
+    the same interleaved rounds. It streams as much memory per token as the forward scan
+    (three N-row inputs read, an N-row output written, here twice) and does no arithmetic to
+    speak of, so its ×N→4N is what this machine's memory alone does to a pass that is exactly
+    linear in N: the floor under which no streaming kernel's growth factor can be expected to fall."""
+    inputs = {n: bench.random_qkv((heads,), n, d, d, np.float32, seed=1)[:3] for n in sizes}
+
+    def add(n):
+        q, k, v = inputs[n]
+        s = q + k
+        s += v
+        return s
+
+    times = bench.interleaved_times({(n, "fwd"): (lambda n=n: add(n)) for n in sizes}, repeat, warmup=1)
+    rows, prev = [], None
+    for n in sizes:
+        row = {"variant": "control: q + k + v (memory only)", "N": n, "fwd ms": 1e3 * times[n, "fwd"],
+               "×N→4N fwd": float("nan")}
+        if prev is not None and prev["N"] * 4 == n:
+            row["×N→4N fwd"] = row["fwd ms"] / prev["fwd ms"]
+        rows.append(row)
+        prev = row
+    return rows
+
+
 def torch_rows(sizes, heads, d, m, peak, repeat):
     """Causal linear attention in PyTorch (elu+1 features, cumsum), when torch is installed."""
     try:
@@ -186,7 +214,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these configurations (names as in the table, e.g. performer "
-                        "'performer_causal (scan)'; 'torch' for the PyTorch peer)")
+                        "'performer_causal (scan)'; 'torch' for the PyTorch peer; 'control' for the "
+                        "memory-only q + k + v rows)")
     p.add_argument("--rss-only", action="store_true",
                    help="only the whole-process memory check of the causal scan at the largest N")
     p.add_argument("--blas-threads", type=int, default=None,
@@ -198,7 +227,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.default_malloc:
         bench.retain_freed_memory()
-    known = [c[0] for c in CONFIGS] + ["torch"]
+    known = [c[0] for c in CONFIGS] + ["torch", "control"]
     if args.only and set(args.only) - set(known):
         p.error(f"--only: unknown {sorted(set(args.only) - set(known))}; choose from {known}")
     if args.blas_threads is not None:
@@ -238,11 +267,15 @@ def _run(args):
         core = build(d, m, causal, method, fmap=fmap)
         ns = [n for n in sizes if max_n is None or n <= max_n or args.quick]
         rows += run_config(name, core, ns, heads, d, m, peak, repeat, check_max_n=16384)
+    ctl = control_rows(sizes, heads, d, repeat) if not args.only or "control" in args.only else []
     want_torch = not args.only or "torch" in args.only
     trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
     print(bench.markdown_table(rows + (trows or []), cols))
+    if ctl:
+        print("\nControl (not a target): an exactly linear pass that only streams memory, same rounds.\n")
+        print(bench.markdown_table(ctl, ["variant", "N", "fwd ms", "×N→4N fwd"]))
     if not want_torch:
         print("\nPyTorch: not run (--only).")
     elif trows is None:

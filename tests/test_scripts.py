@@ -38,6 +38,9 @@ def test_bench_linear_only_selects_and_rejects_unknown_names():
     script = ROOT / "benchmarks" / "bench_linear.py"
     out = _run([str(script), "--quick", "--only", "performer_causal (scan)"])
     assert "| performer_causal (scan) |" in out and "| performer |" not in out
+    assert "| control: q + k + v (memory only) |" not in out
+    ctl = _run([str(script), "--quick", "--only", "control"])
+    assert "| control: q + k + v (memory only) | 512 |" in ctl and "| performer" not in ctl
     bad = subprocess.run([sys.executable, str(script), "--quick", "--only", "performer_causal"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown ['performer_causal']" in bad.stderr
