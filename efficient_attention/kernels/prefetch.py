@@ -6,9 +6,10 @@ one-dimensional and contiguous) into its caches, one hint per 64-byte line
 never faults, changes no value, and in plain Python (``NUMBA_DISABLE_JIT=1``, or
 a kernel's ``py_func``) it does nothing.
 
-Why: the hardware prefetchers follow an ascending stream well, but the reverse
-scan of the causal linear-attention backward reads its rows from the last token
-down while each row is read upwards (lines ``4t … 4t + 3``, then ``4t − 4 …``).
+Why: the reverse scan of the causal linear-attention backward reads its rows
+from the last token down while each row is read upwards (lines ``4t … 4t + 3``,
+then ``4t − 4 …``), and on the development machine the hardware prefetchers did
+not keep up with that pattern.
 Measured on the benchmark machine (float32, 8 heads, F = Dv = 64, caches flushed
 between calls, one process, interleaved rounds), prefetching the rows 8 tokens
 ahead of the reverse scan took the backward kernel from 1.11 to 0.96 µs per
