@@ -39,6 +39,7 @@ def test_bench_linear_only_selects_and_rejects_unknown_names():
     out = _run([str(script), "--quick", "--only", "performer_causal (scan)"])
     assert "| performer_causal (scan) |" in out and "| performer |" not in out
     assert "| control: q + k + v (memory only) |" not in out
+    assert "  - performer_causal (scan): worst " in out and "(fwd" in out and "128 → 512)" in out
     ctl = _run([str(script), "--quick", "--only", "control"])
     assert "| control: q + k + v (memory only) | 512 |" in ctl and "| performer" not in ctl
     bad = subprocess.run([sys.executable, str(script), "--quick", "--only", "performer_causal"],
