@@ -10,8 +10,9 @@ N = 4096 ... 262144, in one run:
 * PyTorch-based linear attention when ``torch`` is importable (not a dependency).
 
 Also ``linear_elu_causal`` (elu + 1 features: no projection), and a memory-only control
-(``q + k + v`` in the same rounds: the growth factor of an exactly linear pass on this
-machine; not a target). Columns: medians;
+(``q + k + v``, timed the same way in its own interleaved rounds after the variants: how
+much this machine's memory alone inflates an exactly linear pass; not a target). Columns:
+medians;
 GFLOP/s on the useful FLOPs of ``cost()`` (per head: forward ``4·F·Dv·N``, backward
 ``8·F·Dv·N``, plus FAVOR+'s projections ``ωᵀq, ωᵀk``, ``2·N·D·m`` each way per input); the fraction of this
 machine's float32 GEMM peak (``bench.gemm_peak``); ``×N→4N`` the time ratio to
@@ -108,11 +109,12 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
 
 
 def control_rows(sizes, heads, d, repeat):
-    """A linear-time control, not a target: ``q + k + v`` over the same float32 inputs, timed in
-    the same interleaved rounds. It streams as much memory per token as the forward scan
-    (three N-row inputs read, an N-row output written, here twice) and does no arithmetic to
-    speak of, so its ×N→4N is what this machine's memory alone does to a pass that is exactly
-    linear in N: the floor under which no streaming kernel's growth factor can be expected to fall."""
+    """A linear-time control, not a target: ``s = q + k; s += v`` over float32 arrays of the
+    variants' sizes (same seed, without their ×0.5), timed like them in interleaved rounds
+    of its own, after the variants. Per call it reads four and writes two N-row arrays and
+    does no arithmetic to speak of, so its ×N→4N is how much this machine's memory alone
+    inflates a pass that is exactly linear in N. A kernel bound by its arithmetic rather
+    than by memory can grow less than this."""
     inputs = {n: bench.random_qkv((heads,), n, d, d, np.float32, seed=1)[:3] for n in sizes}
 
     def add(n):
@@ -272,15 +274,22 @@ def _run(args):
     trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
-    print(bench.markdown_table(rows + (trows or []), cols))
+    if rows or trows:
+        print(bench.markdown_table(rows + (trows or []), cols))
     if ctl:
-        print("\nControl (not a target): an exactly linear pass that only streams memory, same rounds.\n")
+        print("\nControl (not a target): an exactly linear pass that only streams memory "
+              "(its own interleaved rounds, after the variants).\n")
         print(bench.markdown_table(ctl, ["variant", "N", "fwd ms", "×N→4N fwd"]))
     if not want_torch:
         print("\nPyTorch: not run (--only).")
     elif trows is None:
         print("\nPyTorch: not installed (optional peer; not benchmarked).")
 
+    if not rows:                                       # --only control / torch: no target rows
+        print(f"\n(total {time.perf_counter() - t0:.0f} s)")
+        if args.json:
+            bench.write_json(args.json, {"gemm_peak": peak_info, "rows": trows or [], "control": ctl})
+        return 0
     # targets
     scan = [r for r in rows if r["variant"].endswith("_causal (scan)")]
     lin = [r for r in rows if r["variant"] in ("performer", "performer_causal (scan)", "linear_elu_causal (scan)")]
@@ -308,7 +317,7 @@ def _run(args):
             rss_check(r["N"], heads, d, m, r["qkv+dout MB"])
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        bench.write_json(args.json, {"gemm_peak": peak_info, "rows": rows + (trows or [])})
+        bench.write_json(args.json, {"gemm_peak": peak_info, "rows": rows + (trows or []), "control": ctl})
     return 0
 
 

@@ -213,10 +213,13 @@ def test_scan_kernels_match_cumsum_reference(block, dtype):
         np.testing.assert_allclose(x, y, rtol=10 * rtol, atol=10 * rtol)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8])
-def test_scan_kernels_pairing_of_tokens(n):
-    """The scans advance two tokens per pass; short and even/odd lengths against the reference."""
-    a, b, v, eps, dout = _kernel_inputs(n=n)
+@pytest.mark.parametrize("f, dv", [(6, 5), (3, 5), (4, 4)])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 20, 21])
+def test_scan_kernels_pairing_of_tokens(n, f, dv):
+    """The scans advance two tokens per pass and two state rows per pass; short, even and odd
+    lengths (20 and 21 reach the reverse scan's prefetch), odd row counts and F < Dv, against
+    the reference."""
+    a, b, v, eps, dout = _kernel_inputs(n=n, f=f, dv=dv)
     out, den = K.causal_forward(a, b, v, eps)
     ref_out, ref_den = K.causal_forward_reference(a, b, v, eps)
     np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -254,9 +257,9 @@ def test_kernels_python_path_matches_reference():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
 def test_prefetch_hint_changes_nothing(dtype):
-    """prefetch_range compiles for 1-D arrays of any dtype, clamps its bounds (out-of-range
-    and empty ranges included), returns None and leaves the array as it was; in Python it is a
-    no-op; a 2-D array is a typing error, not a silent hint."""
+    """prefetch_range compiles for contiguous 1-D arrays of any dtype, returns None and leaves
+    the array as it was (out-of-range and empty ranges included); in Python it is a no-op; a
+    2-D or strided array is a typing error, not a silent partial hint."""
     import numba
     from efficient_attention.kernels.prefetch import prefetch_range
 
@@ -272,8 +275,42 @@ def test_prefetch_hint_changes_nothing(dtype):
     assert hint_all(x, ranges) == before.sum()
     np.testing.assert_array_equal(x, before)
     assert prefetch_range(x, 0, 100) is None
-    with pytest.raises(numba.core.errors.TypingError):
-        numba.njit(lambda y: prefetch_range(y, 0, 4))(np.zeros((2, 2), dtype))
+    if numba.config.DISABLE_JIT:                       # no typing without the jit
+        return
+    hint = numba.njit(lambda y: prefetch_range(y, 0, 4))
+    for bad in (np.zeros((2, 2), dtype), np.zeros(8, dtype)[::2]):
+        with pytest.raises(numba.core.errors.TypingError):
+            hint(bad)
+
+
+def test_prefetch_line_indices_are_clamped_one_per_line():
+    """The elements hinted: one per 64-byte line from the clamped start, plus the last one."""
+    from efficient_attention.kernels.prefetch import line_indices
+    assert line_indices(100, 4, 0, 100).tolist() == [0, 16, 32, 48, 64, 80, 96, 99]
+    assert line_indices(100, 8, -5, 10).tolist() == [0, 8, 9]
+    assert line_indices(100, 4, 90, 500).tolist() == [90, 99]
+    assert line_indices(100, 4, 40, 40).tolist() == []
+    assert line_indices(100, 4, 70, 20).tolist() == []
+    assert line_indices(100, 1, 3, 70).tolist() == [3, 67, 69]
+
+
+def test_prefetch_emits_a_prefetch_instruction():
+    """The reverse scan's hints reach the machine code (x86 prefetcht0, arm64 prfm)."""
+    import platform
+    import numba
+    from efficient_attention.kernels.prefetch import prefetch_range
+
+    @numba.njit
+    def hint(x):
+        prefetch_range(x, 0, x.shape[0])
+
+    hint(np.zeros(64, np.float32))
+    asm = "".join(hint.inspect_asm().values()).lower()
+    want = {"x86_64": "prefetch", "amd64": "prefetch", "aarch64": "prfm", "arm64": "prfm"}
+    machine = platform.machine().lower()
+    if machine not in want:
+        pytest.skip(f"no known prefetch mnemonic for {machine}")
+    assert want[machine] in asm
 
 
 def test_zero_denominator_gives_zero_output_and_gradient():

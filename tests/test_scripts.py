@@ -42,6 +42,7 @@ def test_bench_linear_only_selects_and_rejects_unknown_names():
     assert "  - performer_causal (scan): worst " in out and "(fwd" in out and "128 → 512)" in out
     ctl = _run([str(script), "--quick", "--only", "control"])
     assert "| control: q + k + v (memory only) | 512 |" in ctl and "| performer" not in ctl
+    assert "## Targets" not in ctl and "(no rows)" not in ctl
     bad = subprocess.run([sys.executable, str(script), "--quick", "--only", "performer_causal"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown ['performer_causal']" in bad.stderr

@@ -76,8 +76,8 @@ def _rank1_pair_rows(m, p1, q1, w1, p2, q2, w2, acc1, acc2):
 
         m_1 = m + p1 q1ᵀ;  acc1 = m_1ᵀ w1;  m_2 = m_1 + p2 q2ᵀ;  acc2 = m_2ᵀ w2;  m = m_2
 
-    (``p, w`` of length R, ``q, acc`` of length C; ``acc`` is overwritten), two rows of
-    ``m`` per pass over the columns."""
+    (``p, w`` of length R, ``q`` of length C, ``acc`` of length at least C: its first C
+    entries are overwritten), two rows of ``m`` per pass over the columns."""
     rows, cols = m.shape
     for c in range(cols):
         acc1[c] = 0
@@ -222,7 +222,10 @@ def _causal_backward_kernel(a, b, v, out, den, dout, da, db, dvv):
     The forward scan holds ``S_t`` transposed, ``(Dv, F)``, so that ``S_t g_t`` is
     accumulated by axpys over F; the reverse scan holds ``R_t`` both ways (see
     :func:`_dbdv_pair`), so that ``dv_t = R_tᵀ b_t`` and ``db_t = R_t v_t + r_t`` are axpys
-    too. ``g_t = dO_t/den_t`` is formed for the two tokens of a pass only."""
+    too. ``g_t = dO_t/den_t`` is formed for the two tokens of a pass only. The reverse scan
+    hints the rows ``REVERSE_PREFETCH`` tokens ahead of it to the CPU
+    (:mod:`~efficient_attention.kernels.prefetch`), on each head flattened: the arrays must
+    be C-contiguous (:func:`causal_backward` makes them so)."""
     nh, n, f = a.shape
     dv = v.shape[2]
     for h in prange(nh):
