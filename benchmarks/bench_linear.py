@@ -269,9 +269,12 @@ def _run(args):
         core = build(d, m, causal, method, fmap=fmap)
         ns = [n for n in sizes if max_n is None or n <= max_n or args.quick]
         rows += run_config(name, core, ns, heads, d, m, peak, repeat, check_max_n=16384)
+        bench.release_freed_memory()                  # the next configuration starts from a lean heap
     ctl = control_rows(sizes, heads, d, repeat) if not args.only or "control" in args.only else []
+    bench.release_freed_memory()                      # before the fresh-interpreter memory check
     want_torch = not args.only or "torch" in args.only
     trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
+    bench.release_freed_memory()
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
     if rows or trows:

@@ -123,6 +123,7 @@ def main(argv=None) -> int:
             by_n[n] = row
             rows.append(row)
             print(f"  done: {label} N={n} ({row['fwd+bwd ms']:.0f} ms fwd+bwd)", file=sys.stderr, flush=True)
+        bench.release_freed_memory()                  # the next configuration starts from a lean heap
     cols = ["variant", "N", "K", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s", "peak MB", "time x4N", "mem x4N"]
     print(bench.markdown_table(rows, cols))
     if args.json:

@@ -134,6 +134,30 @@ def retain_freed_memory() -> bool:
     return no_trim
 
 
+def release_freed_memory() -> bool:
+    """Give the freed memory that :func:`retain_freed_memory` kept back to the kernel
+    (glibc ``malloc_trim(0)``: the free top of the heap is cut off and free chunks inside it
+    are returned page by page). The setting itself stays. Returns False where the C library
+    is not glibc (nothing done).
+
+    Benchmarks call it between configurations: the heap otherwise keeps its largest size
+    until the process exits, and a run of several configurations (each with its own
+    allocation pattern) can hold far more than any one of them uses at once. A full
+    ``bench_linear.py`` run held 19 GB this way and was killed for memory on a 23 GB machine
+    when its fresh-interpreter memory check started.
+    """
+    import ctypes
+    import ctypes.util
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def allocator_line() -> str:
     """One Markdown line on the allocator's state (for benchmark headers)."""
     if _ALLOCATOR == "default":

@@ -61,6 +61,33 @@ print(bench.allocator_line())
 """
 
 
+_RELEASE = """
+import sys
+import numpy as np
+from efficient_attention import bench
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+kept = bench.retain_freed_memory()
+a = np.ones(2 ** 26); del a                      # 512 MB, touched and freed: kept in the heap
+held = rss_mb()
+released = bench.release_freed_memory()
+print(kept, released, round(held), round(rss_mb()))
+"""
+
+
+def test_release_freed_memory_returns_the_kept_heap():
+    """After retain_freed_memory a freed 512 MB array stays resident; release_freed_memory
+    gives it back (glibc), or reports that it did nothing (other C libraries)."""
+    kept, released, held, after = _run(["-c", _RELEASE], clean_malloc=True).split()
+    if kept == "False":                                # not glibc: nothing kept, nothing released
+        assert released == "False"
+        return
+    assert released == "True"
+    assert float(held) > 400 and float(after) < float(held) - 400
+
+
 def test_retain_freed_memory_reuses_large_blocks():
     """With ``retain_freed_memory`` a second 128 MB array reuses the first one's pages (no page
     faults); by default (glibc) it is fresh pages (at least one fault per 2 MB huge page)."""
