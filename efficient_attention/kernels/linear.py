@@ -65,7 +65,7 @@ def _safe_inv(den):
 # reverse scan's R (F, Dv) and its transpose (Dv, F). It takes two rows of the state at a
 # time, so that the two accumulators are loaded and stored once per two rows. One thread,
 # N = 65536, 8 heads, float32 (A/B in one process): the forward scan went from 0.52 to
-# 0.42 µs per token and the backward from 1.76 to 1.44; on two threads the gain was 6-12 %.
+# 0.42 µs per token and the backward from 1.76 to 1.44; on two threads the gain was 4-12 %.
 # Four rows at a time were no longer vectorised by LLVM (too many arrays to check for
 # overlap) and ran 4x slower.
 
