@@ -58,9 +58,9 @@ CONFIGS = [
 
 def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
     """The rows of one configuration; every size's forward and forward+backward timed in
-    interleaved rounds (:func:`efficient_attention.bench.interleaved_times`), so every size's
+    interleaved rounds (:func:`efficient_attention.bench.interleaved_fwd_bwd`), so every size's
     inputs are held at once (2.7 GB for 4096 … 262144)."""
-    inputs, fns = {}, {}
+    inputs = {}
     for n in sizes:
         q, k, v, dout = bench.random_qkv((heads,), n, d, d, np.float32, seed=1)
         q *= 0.5                                                  # FAVOR+-friendly scale (‖q′‖ ~ 1.4)
@@ -74,14 +74,11 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             core.backward(cache, dout)
         return out
 
-    for kind in ("fwd", "fwd+bwd"):
-        for n in sizes:
-            fns[n, kind] = lambda n=n, b=kind == "fwd+bwd": call(n, b)
-    times = bench.interleaved_times(fns, repeat, warmup=1)
+    times = bench.interleaved_fwd_bwd({n: core for n in sizes}, inputs, repeat)
     rows, prev = [], None
     for n in sizes:
         q, k, v, dout = inputs[n]
-        t_f, t_fb = times[n, "fwd"], times[n, "fwd+bwd"]
+        t_f, t_fb = times[n]
         cf = core.cost(n, d, d).scaled(heads).flops
         cb = core.cost(n, d, d, backward=True).scaled(heads).flops
         inputs_mb = 4 * q.nbytes / 2**20

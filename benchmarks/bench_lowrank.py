@@ -39,23 +39,6 @@ def _peers() -> str:
     return "PyTorch Linformer available but not benchmarked by this script (see the notes)."
 
 
-def _interleaved(cores, ns, d, heads, dtype, repeat):
-    """``{n: (t_fwd, t_fwd_bwd)}``: all sizes of one variant timed in interleaved rounds
-    (:func:`efficient_attention.bench.interleaved_times`), the inputs of ``bench_core``."""
-    inputs = {n: bench.random_qkv((heads,), n, d, d, dtype, 0) for n in ns}   # every size's, at once
-
-    def call(n, backward):
-        q, k, v, dout = inputs[n]
-        out, cache = cores[n].forward(q, k, v)
-        if backward:
-            cores[n].backward(cache, dout)
-
-    fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b))
-           for kind in ("fwd", "fwd+bwd") for n in ns}
-    t = bench.interleaved_times(fns, repeat, warmup=1)
-    return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in ns}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
@@ -112,7 +95,9 @@ def main(argv=None) -> int:
     rows = []
     for label, ns, build, keys in configs:
         cores = {n: build(n) for n in ns}
-        times = _interleaved(cores, ns, d, heads, dtype, args.repeat)
+        inputs = {n: bench.random_qkv((heads,), n, d, d, dtype, 0) for n in ns}   # every size's, at once
+        times = bench.interleaved_fwd_bwd(cores, inputs, args.repeat)
+        del inputs
         by_n = {}
         for n in ns:
             row = bench.bench_core(cores[n], n, d, d, heads=heads, dtype=dtype, check=False, times=times[n])

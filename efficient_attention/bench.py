@@ -52,6 +52,7 @@ __all__ = [
     "random_qkv",
     "retain_freed_memory",
     "interleaved_times",
+    "interleaved_fwd_bwd",
 ]
 
 
@@ -88,8 +89,37 @@ def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
     return {key: statistics.median(t) for key, t in times.items()}
 
 
+def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """``{n: (t_fwd, t_fwd_bwd)}`` for ``cores[n]`` on ``inputs[n] = (q, k, v, dout)``: every
+    size's forward, then every size's forward+backward, in the rounds of
+    :func:`interleaved_times` (all inputs held at once). The pair is what ``bench_core(...,
+    times=)`` takes."""
+    def call(n, backward):
+        q, k, v, dout = inputs[n]
+        out, cache = cores[n].forward(q, k, v)
+        if backward:
+            cores[n].backward(cache, dout)
+
+    fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b))
+           for kind in ("fwd", "fwd+bwd") for n in inputs}
+    t = interleaved_times(fns, repeat, warmup)
+    return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in inputs}
+
+
 #: the glibc allocator's state as set by this process (see :func:`retain_freed_memory`)
 _ALLOCATOR = "default"
+
+
+def _glibc():
+    """The C library through ctypes when it is glibc on Linux, else None."""
+    import ctypes
+    import ctypes.util
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def retain_freed_memory() -> bool:
@@ -112,12 +142,10 @@ def retain_freed_memory() -> bool:
     thread's allocations, which is where NumPy arrays of a single-threaded script come from).
     """
     global _ALLOCATOR
-    import ctypes
-    import ctypes.util
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
         # -1: never trim (man mallopt). mallopt takes an int, so a finite threshold is under
         # 2 GB, and the N = 262144 runs free more than that at once (the environment variable
@@ -146,14 +174,12 @@ def release_freed_memory() -> bool:
     ``bench_linear.py`` run held 19 GB this way and was killed for memory on a 23 GB machine
     when its fresh-interpreter memory check started.
     """
-    import ctypes
-    import ctypes.util
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     return True
 

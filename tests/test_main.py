@@ -73,6 +73,31 @@ def test_interleaved_times_visits_keys_in_rounds():
     assert 0.001 <= t["a"] < 0.02
 
 
+def test_interleaved_fwd_bwd_order_and_pairs():
+    """Every size's forward, then every size's forward+backward, each on its own core and
+    inputs; the result pairs (t_fwd, t_fwd_bwd) per size."""
+    calls = []
+
+    class Core:
+        def __init__(self, n):
+            self.n = n
+
+        def forward(self, q, k, v):
+            calls.append(("f", self.n, q))
+            time.sleep(0.001)
+            return None, self.n
+
+        def backward(self, cache, dout):
+            calls.append(("b", cache, dout))
+            time.sleep(0.01)
+
+    inputs = {n: (f"q{n}", None, None, f"d{n}") for n in (2, 8)}
+    t = bench.interleaved_fwd_bwd({n: Core(n) for n in inputs}, inputs, repeat=2, warmup=1)
+    one_round = [("f", 2, "q2"), ("f", 8, "q8"), ("f", 2, "q2"), ("b", 2, "d2"), ("f", 8, "q8"), ("b", 8, "d8")]
+    assert calls == one_round * 3
+    assert set(t) == {2, 8} and all(fb > f + 0.005 for f, fb in t.values())
+
+
 def test_gemm_peak_and_rss_subprocesses():
     peak = bench.gemm_peak()
     assert peak["float32"] > 0 and peak["float64"] > 0 and isinstance(peak["kernel"], str)
