@@ -112,6 +112,7 @@ class _LinearCache(NamedTuple):
     s: np.ndarray | None     # S = φ̂(K)ᵀV (non-causal)  (..., F, Dv)
     z: np.ndarray | None     # z = φ̂(K)ᵀ1               (..., F)
     m: int                   # number of keys M
+    states: object = None    # causal scan: the prefix-sum state every CHECKPOINT tokens
 
 
 def _forward_noncausal(phq, phk, v, eps_rows):
@@ -155,20 +156,21 @@ def _forward_causal(phq, phk, v, eps_rows, method):
         out, den = _kernels.chunked_forward(a, b, vv, e)
     elif method == "numpy":
         out, den = _kernels.causal_forward_reference(a, b, vv, e, block=NUMPY_BLOCK)
-    else:
-        out, den = _kernels.causal_forward(a, b, vv, e)
-    return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:])
+    else:        # the scan saves its state every CHECKPOINT tokens for the backward's sweep
+        out, den, states = _kernels.causal_forward(a, b, vv, e, states=True)
+        return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:]), states
+    return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:]), None
 
 
-def _backward_causal(phq, phk, v, out, den, dout, method):
+def _backward_causal(phq, phk, v, out, den, dout, method, states):
     batch = phq.shape[:-2]
     args = [_flat(phq), _flat(phk), _flat(v), _flat(out),
             np.ascontiguousarray(den.reshape((-1, den.shape[-1]))), _flat(dout)]
     if method == "numpy":
         da, db, dv = _kernels.causal_backward_reference(*args, block=NUMPY_BLOCK)
     else:
-        fn = _kernels.chunked_backward if method == "chunked" else _kernels.causal_backward
-        da, db, dv = fn(*args)
+        da, db, dv = (_kernels.chunked_backward(*args) if method == "chunked"
+                      else _kernels.causal_backward(*args, states=states))
     return (da.reshape(batch + da.shape[-2:]), db.reshape(batch + db.shape[-2:]),
             dv.reshape(batch + dv.shape[-2:]))
 
@@ -274,8 +276,8 @@ class LinearAttention(AttentionCore):
             out, den, s, z = _forward_noncausal(phq, phk, v, eps_rows)
             return out, _LinearCache(phq, phk, v, cq, ck, out, den, s, z, m)
         phk_n, v_n = _fit_keys(phk, v, n)                    # causal: key rows aligned with queries
-        out, den = _forward_causal(phq, phk_n, v_n, eps_rows, self._method())
-        return out, _LinearCache(phq, phk_n, v_n, cq, ck, out, den, None, None, m)
+        out, den, states = _forward_causal(phq, phk_n, v_n, eps_rows, self._method())
+        return out, _LinearCache(phq, phk_n, v_n, cq, ck, out, den, None, None, m, states)
 
     def _method(self):
         return "scan" if self.method == "auto" else self.method
@@ -284,7 +286,7 @@ class LinearAttention(AttentionCore):
         dout = check_dout(dout, cache.out.shape, cache.out.dtype)
         if self.causal:
             dphq, dphk, dv = _backward_causal(cache.phq, cache.phk, cache.v, cache.out, cache.den,
-                                              dout, self._method())
+                                              dout, self._method(), cache.states)
             dphk, dv = dphk[..., :cache.m, :], dv[..., :cache.m, :]
             if dphk.shape[-2] < cache.m:                     # keys past the last query: no gradient
                 dphk, dv = _pad_rows(dphk, cache.m), _pad_rows(dv, cache.m)

@@ -243,16 +243,71 @@ def test_chunked_matches_reference(chunk):
 
 def test_kernels_python_path_matches_reference():
     """The plain-Python function behind the jit (NUMBA_DISABLE_JIT path), on a small input
-    (long enough for the reverse scan's prefetch hints, a no-op in Python)."""
+    (long enough for the reverse scan's prefetch hints, a no-op in Python), in chunks of 6
+    tokens with a short last chunk."""
     a, b, v, eps, dout = _kernel_inputs(nh=2, n=2 * K.REVERSE_PREFETCH + 5, f=3, dv=2)
+    nh, n, f = a.shape
+    nck = -(-n // 6)
     out, den = np.empty_like(v), np.empty(a.shape[:2])
-    getattr(K._causal_forward_kernel, "py_func", K._causal_forward_kernel)(a, b, v, eps, out, den)
+    sck, zck = np.empty((nh, nck, f, 2)), np.empty((nh, nck, f))
+    getattr(K._causal_forward_kernel, "py_func", K._causal_forward_kernel)(a, b, v, eps, out, den, 6, sck, zck)
     ref_out, ref_den = K.causal_forward_reference(a, b, v, eps)
     np.testing.assert_allclose(out, ref_out, rtol=1e-13)
     grads = [np.empty_like(a), np.empty_like(b), np.empty_like(v)]
-    getattr(K._causal_backward_kernel, "py_func", K._causal_backward_kernel)(a, b, v, out, den, dout, *grads)
+    getattr(K._causal_backward_kernel, "py_func", K._causal_backward_kernel)(a, b, v, out, den, dout, 6,
+                                                                             sck, zck, *grads)
     for x, y in zip(grads, K.causal_backward_reference(a, b, v, out, den, dout)):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 6, K.CHECKPOINT])
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 12, 13])
+def test_backward_sweep_by_chunks(chunk, n):
+    """The forward saves the state before each chunk (the prefix sums of the reference at
+    the chunk starts); the backward's sweep over chunks, with short, odd and exact last chunks,
+    agrees with the reference, and with the states recomputed when none are given."""
+    a, b, v, eps, dout = _kernel_inputs(n=n, f=4, dv=3)
+    out, den, states = K.causal_forward(a, b, v, eps, states=True, chunk=chunk)
+    assert states.chunk == chunk and states.s.shape == (3, -(-n // chunk), 4, 3)
+    cum_s = np.cumsum(b[..., :, None] * v[..., None, :], axis=1)
+    starts = np.arange(0, n, chunk)
+    want_s = np.concatenate([np.zeros((3, 1, 4, 3)), cum_s[:, starts[1:] - 1]], axis=1)
+    want_z = np.concatenate([np.zeros((3, 1, 4)), np.cumsum(b, axis=1)[:, starts[1:] - 1]], axis=1)
+    np.testing.assert_allclose(states.s, want_s, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(states.z, want_z, rtol=1e-13, atol=1e-14)
+    want = K.causal_backward_reference(a, b, v, out, den, dout)
+    for got in (K.causal_backward(a, b, v, out, den, dout, states), K.causal_backward(a, b, v, out, den, dout)):
+        for x, y in zip(got, want):
+            np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmap", ["elu", "performer"])
+def test_causal_scan_across_checkpoints(fmap):
+    """LinearAttention's causal scan over more than one CHECKPOINT chunk: the forward keeps
+    the states in its cache, the backward's sweep uses them; against the quadratic form."""
+    n = K.CHECKPOINT + 77
+    q, k, v = _qkv((2,), n, 3, seed=16)
+    core = LinearAttention(_map(fmap, 3, m=4), causal=True)
+    dout = np.random.default_rng(17).standard_normal((2, n, 3))
+    ref, ref_grads = quadratic(core.feature_map, q, k, v, True, core.eps, dout)
+    out, cache = core.forward(q, k, v)
+    f = core.feature_map.n_features(3)
+    assert isinstance(cache.states, K.ScanStates) and cache.states.s.shape == (2, 2, f, 3)
+    assert_attention_close(out, ref, np.float64, row_length=n)
+    for got, want in zip(core.backward(cache, dout)[:3], ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_scan_states_errors():
+    a, b, v, eps, dout = _kernel_inputs(n=9, f=4, dv=3)
+    for chunk in (0, 3, -2):
+        with pytest.raises(ValueError, match="chunk must be an even number"):
+            K.causal_forward(a, b, v, eps, states=True, chunk=chunk)
+    out, den, states = K.causal_forward(a, b, v, eps, states=True, chunk=4)
+    with pytest.raises(ValueError, match="states must hold 5 chunks of 2 tokens"):
+        K.causal_backward(a, b, v, out, den, dout, states._replace(chunk=2))
+    with pytest.raises(ValueError, match="states must hold 3 chunks"):
+        K.causal_backward(a, b, v, out, den, dout, states._replace(s=states.s[:1]))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])

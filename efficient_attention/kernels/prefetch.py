@@ -16,7 +16,10 @@ interleaved in one process): with the rows 8 tokens ahead hinted, the backward
 kernel took 0.86× the time at N = 65536 and 0.92× at N = 4096 in one run (caches
 flushed between calls, two threads), and 0.80–0.89× at N = 4096 … 262144 in an A/B
 of the whole ``causal_backward`` against the previous commit. The same hints in the
-ascending scans changed nothing (within noise).
+ascending scans changed nothing (within noise). Those figures are from the reverse scan
+over whole sequences; it now runs chunk by chunk on rows the chunk's forward scan has
+just read (:data:`~efficient_attention.kernels.linear.CHECKPOINT`), and keeps the hints
+(not re-measured alone since).
 """
 from __future__ import annotations
 
