@@ -44,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["exp_inplace", "exp_reference", "EXP_LOWER", "EXP_UPPER", "exp32_shift_inplace",
+__all__ = ["exp_inplace", "exp_reference", "EXP_LOWER", "EXP_UPPER", "exp32", "exp32_shift_inplace",
            "exp32_reference", "EXP32_LOWER", "EXP32_UPPER", "exp_"]
 
 #: below: 0 (flushed); above: inf
@@ -127,28 +127,34 @@ _P32 = tuple(_F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
+def exp32(d):
+    """``exp(d)`` of a float32 scalar (see the module notes): for loops that LLVM vectorises,
+    where it is inlined (the elementwise form of :func:`exp32_shift_inplace`)."""
+    lo, hi = _F(EXP32_LOWER), _F(EXP32_UPPER)
+    dc = min(max(d, lo), hi) if d == d else _F(0.0)         # (NaN: restored below)
+    kn = np.floor(dc * _LOG2E_32 + _F(0.5))                  # n = round(d·log2 e)
+    r = (dc - kn * _LN2_HI_32) - kn * _LN2_LO_32             # d - n ln2, |r| <= ln2/2
+    p = _P0
+    p = p * r + _P1
+    p = p * r + _P2
+    p = p * r + _P3
+    p = p * r + _P4
+    p = p * r + _P5
+    p = (p * r) * r + r + _F(1.0)                             # e^r
+    two_n = np.int32((np.int32(kn) + np.int32(127)) << 23).view(np.float32)   # 2**n
+    y = p * two_n
+    y = y if d >= lo else _F(0.0)                             # flush (and -inf -> 0)
+    y = y if d <= hi else _F(np.inf)
+    return y if d == d else d                                 # NaN stays NaN
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
 def exp32_shift_inplace(x, shift):
     """``x[:] = exp(x[:] - shift)`` for a 1-D float32 array ``x`` (any stride) and a scalar
     ``shift``; one pass, vectorised by LLVM (see the module notes)."""
-    lo, hi = _F(EXP32_LOWER), _F(EXP32_UPPER)
     sh = _F(shift)
     for e in range(x.shape[0]):
-        d = x[e] - sh
-        dc = min(max(d, lo), hi) if d == d else _F(0.0)     # (NaN: restored below)
-        kn = np.floor(dc * _LOG2E_32 + _F(0.5))              # n = round(d·log2 e)
-        r = (dc - kn * _LN2_HI_32) - kn * _LN2_LO_32         # d - n ln2, |r| <= ln2/2
-        p = _P0
-        p = p * r + _P1
-        p = p * r + _P2
-        p = p * r + _P3
-        p = p * r + _P4
-        p = p * r + _P5
-        p = (p * r) * r + r + _F(1.0)                         # e^r
-        two_n = np.int32((np.int32(kn) + np.int32(127)) << 23).view(np.float32)   # 2**n
-        y = p * two_n
-        y = y if d >= lo else _F(0.0)                         # flush (and -inf -> 0)
-        y = y if d <= hi else _F(np.inf)
-        x[e] = y if d == d else d                             # NaN stays NaN
+        x[e] = exp32(x[e] - sh)
 
 
 def exp32_reference(x, shift=0.0):
