@@ -20,9 +20,10 @@ the row with N/4; peak traced memory of one forward+backward beside the size of
 q, k, v and dout together; the float32 output's relative error against the
 same core in float64 (first head).
 
-Targets (issue 4): N→4N at most 4.4×; causal forward+backward at N = 65536 at
-least 20 % of the float32 GEMM peak; causal peak memory at N = 262144 under 3×
-the size of q, k, v and dout.
+Targets (issue 4, for its configuration d = m = 64, i.e. FAVOR+): N→4N at most 4.4×;
+causal forward+backward at N = 65536 at least 20 % of the float32 GEMM peak; causal peak
+memory at N = 262144 under 3× the size of q, k, v and dout. The elu+1 row is judged by
+the same thresholds on lines of its own.
 
 ``python benchmarks/bench_linear.py [--quick] [--json FILE]``
 """
@@ -293,12 +294,20 @@ def _run(args):
     # targets
     scan = [r for r in rows if r["variant"].endswith("_causal (scan)")]
     lin = [r for r in rows if r["variant"] in ("performer", "performer_causal (scan)", "linear_elu_causal (scan)")]
-    worst = max([r[c] for r in lin for c in ("×N→4N fwd", "×N→4N fwd+bwd") if r[c] == r[c]], default=float("nan"))
     at64k = [r for r in scan if r["N"] == 65536]
     big = [r for r in scan if r["N"] == max(sizes)][:1]
     print("\n## Targets" + (" (--quick: sizes far too small to judge them)" if args.quick else ""))
-    print(f"- time linear in N (N→4N ≤ 4.4×, the three scan/BLAS rows): worst {worst:.2f}× "
-          f"→ {'met' if worst <= 4.4 else 'NOT met'}")
+    # the issue's configuration is d = m = 64 random features (FAVOR+); elu+1 (no random
+    # features) is a row of this script beside it, judged by the same threshold on its own line
+    for label, group in (("FAVOR+, the issue's configuration (d = m = 64), non-causal and causal scan",
+                          ("performer", "performer_causal (scan)")),
+                         ("elu+1 causal scan (a row beside the issue's configuration)",
+                          ("linear_elu_causal (scan)",))):
+        worst = max([r[c] for r in lin if r["variant"] in group for c in ("×N→4N fwd", "×N→4N fwd+bwd")
+                     if r[c] == r[c]], default=float("nan"))
+        if worst == worst:
+            print(f"- time linear in N (N→4N ≤ 4.4×), {label}: worst {worst:.2f}× "
+                  f"→ {'met' if worst <= 4.4 else 'NOT met'}")
     for name in dict.fromkeys(r["variant"] for r in lin):
         ratios = [(r[c], c.split()[-1], r["N"]) for r in lin if r["variant"] == name
                   for c in ("×N→4N fwd", "×N→4N fwd+bwd") if r[c] == r[c]]
