@@ -262,13 +262,15 @@ def test_kernels_python_path_matches_reference():
 
 @pytest.mark.parametrize("chunk", [2, 4, 6, K.CHECKPOINT])
 @pytest.mark.parametrize("n", [1, 5, 6, 7, 12, 13])
-def test_backward_sweep_by_chunks(chunk, n):
+def test_backward_sweep_by_chunks(chunk, n, monkeypatch):
     """The forward saves the state before each chunk (the prefix sums of the reference at
     the chunk starts); the backward's sweep over chunks, with short, odd and exact last chunks,
-    agrees with the reference, and with the states recomputed when none are given."""
+    agrees with the reference, and with the states recomputed when none are given. On the
+    thread pool (3 sequences), however small the work."""
+    monkeypatch.setattr(K, "PARALLEL_MIN_WORK", 0)
     a, b, v, eps, dout = _kernel_inputs(n=n, f=4, dv=3)
     out, den, states = K.causal_forward(a, b, v, eps, states=True, chunk=chunk)
-    assert states.chunk == chunk and states.s.shape == (3, -(-n // chunk), 4, 3)
+    assert states.chunk == chunk and states.n == n and states.s.shape == (3, -(-n // chunk), 4, 3)
     cum_s = np.cumsum(b[..., :, None] * v[..., None, :], axis=1)
     starts = np.arange(0, n, chunk)
     want_s = np.concatenate([np.zeros((3, 1, 4, 3)), cum_s[:, starts[1:] - 1]], axis=1)
@@ -294,20 +296,33 @@ def test_causal_scan_across_checkpoints(fmap):
     f = core.feature_map.n_features(3)
     assert isinstance(cache.states, K.ScanStates) and cache.states.s.shape == (2, 2, f, 3)
     assert_attention_close(out, ref, np.float64, row_length=n)
-    for got, want in zip(core.backward(cache, dout)[:3], ref_grads):
+    grads = core.backward(cache, dout)
+    for got, want in zip(grads[:3], ref_grads):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+    # the backward reads the cached states (altered states, altered dq)
+    bad = cache._replace(states=cache.states._replace(s=2 * cache.states.s))
+    assert not np.allclose(core.backward(bad, dout).dq, grads.dq)
 
 
 def test_scan_states_errors():
     a, b, v, eps, dout = _kernel_inputs(n=9, f=4, dv=3)
-    for chunk in (0, 3, -2):
+    for chunk in (0, 3, -2, 4.0, True):
         with pytest.raises(ValueError, match="chunk must be an even number"):
             K.causal_forward(a, b, v, eps, states=True, chunk=chunk)
     out, den, states = K.causal_forward(a, b, v, eps, states=True, chunk=4)
-    with pytest.raises(ValueError, match="states must hold 5 chunks of 2 tokens"):
-        K.causal_backward(a, b, v, out, den, dout, states._replace(chunk=2))
-    with pytest.raises(ValueError, match="states must hold 3 chunks"):
-        K.causal_backward(a, b, v, out, den, dout, states._replace(s=states.s[:1]))
+    with pytest.raises(ValueError, match="states.chunk must be an even number"):
+        K.causal_backward(a, b, v, out, den, dout, states._replace(chunk=3))
+    for bad in (states._replace(chunk=2), states._replace(s=states.s[:, :2]), states._replace(z=states.z[:1]),
+                states._replace(s=states.s[:1]), states._replace(n=8)):
+        with pytest.raises(ValueError, match="states must be those of 3 sequences of 9 tokens"):
+            K.causal_backward(a, b, v, out, den, dout, bad)
+    a12, b12, v12, eps12, _ = _kernel_inputs(n=12, f=4, dv=3)
+    _, _, states12 = K.causal_forward(a12, b12, v12, eps12, states=True, chunk=4)
+    assert states12.s.shape == states.s.shape
+    with pytest.raises(ValueError, match="got n = 12"):                # same chunk count, other n
+        K.causal_backward(a, b, v, out, den, dout, states12)
+    with pytest.raises(TypeError, match="states must be None or the ScanStates"):
+        K.causal_backward(a, b, v, out, den, dout, (states.s, states.z, 4))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])

@@ -249,13 +249,14 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
     The forward scan holds ``S_t`` transposed, ``(Dv, F)``, so that ``S_t g_t`` is
     accumulated by axpys over F; the reverse scan holds ``R_t`` both ways (see
     :func:`_dbdv_pair`), so that ``dv_t = R_tᵀ b_t`` and ``db_t = R_t v_t + r_t`` are axpys
-    too. The reverse scan reads again the rows the forward scan of its chunk has just read
-    (``chunk`` rows of a, b, v, out, dout: 640 KB at 512 × 64 float32 columns), from the
-    caches whatever N, so each row comes from memory once (two scans over whole sequences
-    read them twice, and only a short sequence found them still in the L3 cache). It hints
-    the rows ``REVERSE_PREFETCH`` tokens ahead of it to the CPU
-    (:mod:`~efficient_attention.kernels.prefetch`), on each head flattened: the arrays must
-    be C-contiguous (:func:`causal_backward` makes them so)."""
+    too. The reverse scan reads again the rows of b, v, out and dout that the forward scan
+    of its chunk has just read (``chunk`` rows of each: 512 KB at 512 × 64 float32
+    columns), from the caches whatever N, so each row comes from memory once (two scans over
+    whole sequences read them twice, and only a short sequence found them still in the L3
+    cache). The rows of ``a``, which only the reverse scan reads, it hints
+    ``REVERSE_PREFETCH`` tokens ahead of itself to the CPU
+    (:mod:`~efficient_attention.kernels.prefetch`), within the chunk: ``a`` must be
+    C-contiguous (:func:`causal_backward` makes it so)."""
     nh, n, f = a.shape
     dv = v.shape[2]
     for h in prange(nh):
@@ -274,8 +275,7 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
         rt = np.zeros((dv, f), a.dtype)
         r = np.zeros(f, a.dtype)                             # r_t = Σ_{l≥t} c_l a_l
         ah, bh, vh, oh, dh, eh = a[h], b[h], v[h], out[h], dout[h], den[h]
-        af, bf, vf = ah.reshape(-1), bh.reshape(-1), vh.reshape(-1)
-        of, df = oh.reshape(-1), dh.reshape(-1)
+        af = ah.reshape(-1)
         for ck in range(sck.shape[1] - 1, -1, -1):
             lo = ck * chunk
             hi = min(n, lo + chunk)
@@ -301,12 +301,8 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
                            acc1, acc2, db[h, t], sf, dvv[h, t], sv)
             for t in range(hi - 1 - odd, lo, -2):            # pairs (t, t - 1), t the later
                 tp = t - 1 - REVERSE_PREFETCH                # the pair this many tokens ahead
-                if tp >= 0:
+                if tp >= lo:
                     prefetch_range(af, tp * f, (tp + 2) * f)
-                    prefetch_range(bf, tp * f, (tp + 2) * f)
-                    prefetch_range(vf, tp * dv, (tp + 2) * dv)
-                    prefetch_range(of, tp * dv, (tp + 2) * dv)
-                    prefetch_range(df, tp * dv, (tp + 2) * dv)
                 c1 = _gradient_rows(eh, dh, oh, t, g1, one)
                 c2 = _gradient_rows(eh, dh, oh, t - 1, g2, one)
                 _dbdv_pair(rr, rt, r, ah[t], bh[t], vh[t], g1, c1, ah[t - 1], bh[t - 1], vh[t - 1], g2, c2,
@@ -347,21 +343,22 @@ CHECKPOINT = 512
 
 
 class ScanStates(NamedTuple):
-    """The prefix-sum state before each chunk of ``chunk`` tokens, saved by
-    :func:`causal_forward` (``states=True``) for :func:`causal_backward`:
-    ``s[h, c] = S_{c·chunk − 1}`` ``(BH, ⌈N/chunk⌉, F, Dv)``, ``z[h, c] = z_{c·chunk − 1}``
-    ``(BH, ⌈N/chunk⌉, F)`` (zero for the first chunk)."""
+    """The prefix-sum state before each chunk of ``chunk`` tokens of sequences of ``n``
+    tokens, saved by :func:`causal_forward` (``states=True``) for :func:`causal_backward`:
+    ``s[h, c] = S_{c·chunk − 1}`` ``(BH, ⌈n/chunk⌉, F, Dv)``, ``z[h, c] = z_{c·chunk − 1}``
+    ``(BH, ⌈n/chunk⌉, F)`` (zero for the first chunk)."""
 
     s: np.ndarray
     z: np.ndarray
     chunk: int
+    n: int
 
 
-def _check_chunk(chunk):
-    chunk = int(chunk)
-    if chunk < 2 or chunk % 2:
-        raise ValueError(f"chunk must be an even number of tokens >= 2, got {chunk}")
-    return chunk
+def _check_chunk(chunk, name="chunk"):
+    if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, (int, np.integer)) \
+            or chunk < 2 or chunk % 2:
+        raise ValueError(f"{name} must be an even number of tokens >= 2, got {chunk!r}")
+    return int(chunk)
 
 
 def causal_forward(a, b, v, eps, *, states=False, chunk=CHECKPOINT):
@@ -378,24 +375,28 @@ def causal_forward(a, b, v, eps, *, states=False, chunk=CHECKPOINT):
     out = np.empty(v.shape, a.dtype)
     den = np.empty(a.shape[:2], a.dtype)
     _launch(_causal_forward_kernel, nh, a.size * v.shape[2], a, b, v, eps, out, den, chunk, sck, zck)
-    return (out, den, ScanStates(sck, zck, chunk)) if states else (out, den)
+    return (out, den, ScanStates(sck, zck, chunk, n)) if states else (out, den)
 
 
 def causal_backward(a, b, v, out, den, dout, states=None):
     """Causal prefix-sum backward; returns ``da, db (BH, N, F)``, ``dv (BH, N, Dv)``.
 
-    ``states``: the :class:`ScanStates` of the forward (``causal_forward(...,
-    states=True)``); None runs the forward's scan again to get them."""
+    ``states``: the :class:`ScanStates` that ``causal_forward(a, b, v, ..., states=True)``
+    returned for these same ``a, b, v`` (their shapes are checked, their contents cannot
+    be; they are cast to the dtype of ``a``). None runs the whole forward scan again to get
+    them (a third scan, and its ``out``, ``den`` arrays)."""
     a, b, v, out, den, dout = _contig(a, b, v, out, den, dout)
     nh, n, f = a.shape
     if states is None:
         states = causal_forward(a, b, v, np.ones(den.shape, a.dtype), states=True)[2]
-    chunk = _check_chunk(states.chunk)
+    if not isinstance(states, ScanStates):
+        raise TypeError(f"states must be None or the ScanStates of causal_forward, got {type(states).__name__}")
+    chunk = _check_chunk(states.chunk, "states.chunk")
     nck = -(-n // chunk)
-    if states.s.shape != (nh, nck, f, v.shape[2]) or states.z.shape != (nh, nck, f):
-        raise ValueError(f"states must hold {nck} chunks of {chunk} tokens for {nh} sequences of "
-                         f"{n} tokens with F = {f}, Dv = {v.shape[2]}: got s {states.s.shape}, "
-                         f"z {states.z.shape}")
+    if states.n != n or states.s.shape != (nh, nck, f, v.shape[2]) or states.z.shape != (nh, nck, f):
+        raise ValueError(f"states must be those of {nh} sequences of {n} tokens with F = {f}, "
+                         f"Dv = {v.shape[2]} ({nck} chunks of {chunk}): got n = {states.n}, "
+                         f"s {states.s.shape}, z {states.z.shape}")
     sck, zck = (np.ascontiguousarray(x, a.dtype) for x in (states.s, states.z))
     da = np.empty(a.shape, a.dtype)
     db = np.empty(b.shape, a.dtype)
