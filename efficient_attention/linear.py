@@ -152,14 +152,14 @@ def _forward_causal(phq, phk, v, eps_rows, method):
     batch = phq.shape[:-2]
     a, b, vv = _flat(phq), _flat(phk), _flat(v)
     e = np.ascontiguousarray(eps_rows.reshape((-1, eps_rows.shape[-1])))
+    states = None
     if method == "chunked":
         out, den = _kernels.chunked_forward(a, b, vv, e)
     elif method == "numpy":
         out, den = _kernels.causal_forward_reference(a, b, vv, e, block=NUMPY_BLOCK)
     else:        # the scan saves its state every CHECKPOINT tokens for the backward's sweep
         out, den, states = _kernels.causal_forward(a, b, vv, e, states=True)
-        return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:]), states
-    return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:]), None
+    return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:]), states
 
 
 def _backward_causal(phq, phk, v, out, den, dout, method, states):

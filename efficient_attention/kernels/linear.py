@@ -178,18 +178,6 @@ def _causal_forward_kernel(a, b, v, eps, out, den, chunk, sck, zck):
 
 
 @njit(**JIT)
-def _row_coefficients(dd, dt, ot, one):
-    """``(1/den_t, c_t)`` with ``c_t = −dO_t·o_t / den_t`` (0 where ``den_t = 0``), in the
-    arrays' dtype (``one`` is a 1-element scratch of that dtype)."""
-    one[0] = 1 / dd if dd != 0 else 0
-    inv = one[0]
-    ct = 0 * dd
-    for c in range(dt.shape[0]):
-        ct -= dt[c] * ot[c]
-    return inv, ct * inv
-
-
-@njit(**JIT)
 def _da_pair(st, z, b1, v1, g1, c1, b2, v2, g2, c2, acc1, acc2, da1, da2):
     """Forward scan of the backward, tokens 1 then 2: ``S`` held transposed ``(Dv, F)``,
     ``da_k = S_k g_k + c_k z_k`` (``g_k = dO_k/den_k`` passed in)."""
@@ -231,11 +219,17 @@ REVERSE_PREFETCH = 8
 
 @njit(**JIT)
 def _gradient_rows(den, dout, out, t, g, one):
-    """``g = dO_t/den_t`` (into ``g``) and returns ``c_t = −dO_t·o_t/den_t`` for one head."""
-    inv, ct = _row_coefficients(den[t], dout[t], out[t], one)
-    for c in range(g.shape[0]):
-        g[c] = dout[t, c] * inv
-    return ct
+    """``g = dO_t/den_t`` (into ``g``) and returns ``c_t = −dO_t·o_t/den_t`` for one head (0
+    where ``den_t = 0``); the reciprocal is taken in the arrays' dtype (``one`` is a
+    1-element scratch of that dtype)."""
+    dd, dt = den[t], dout[t]
+    one[0] = 1 / dd if dd != 0 else 0
+    inv = one[0]
+    ct = 0 * dd
+    for c in range(dt.shape[0]):
+        ct -= dt[c] * out[t, c]
+        g[c] = dt[c] * inv
+    return ct * inv
 
 
 @njit(**JIT_PARALLEL)
