@@ -7,7 +7,8 @@ N = 4096 ... 262144, in one run:
 * ``performer_causal``    causal, the numba prefix-sum scans (``method="scan"``, the default);
 * ``causal chunked``      causal, chunks of 64 (dense masked products + carried state, BLAS);
 * ``causal numpy cumsum`` causal, the NumPy ``cumsum`` reference (blocks of 256 tokens);
-* PyTorch-based linear attention when ``torch`` is importable (not a dependency).
+* PyTorch-based linear attention when ``torch`` is importable (not a dependency), in a fresh
+  interpreter with the C library's default allocator (:func:`torch_rows_child`).
 
 Also ``linear_elu_causal`` (elu + 1 features: no projection), and a memory-only control
 (``q + k + v``, timed the same way in its own interleaved rounds after the variants: how
@@ -30,6 +31,8 @@ the same thresholds on lines of its own.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 
@@ -134,7 +137,8 @@ def control_rows(sizes, heads, d, repeat):
 
 
 def torch_rows(sizes, heads, d, m, peak, repeat):
-    """Causal linear attention in PyTorch (elu+1 features, cumsum), when torch is installed."""
+    """Causal linear attention in PyTorch (elu+1 features, cumsum), in this process; None
+    when torch is not installed. :func:`torch_rows_child` runs it in a fresh interpreter."""
     try:
         import torch
     except ImportError:
@@ -166,6 +170,36 @@ def torch_rows(sizes, heads, d, m, peak, repeat):
                      "fwd GFLOP/s": 4 * d * d * n * heads / t_f / 1e9, "fwd+bwd GFLOP/s": flops / t_fb / 1e9,
                      "% peak": 100 * flops / t_fb / 1e9 / peak})
     return rows
+
+
+#: how the PyTorch peer is run, for the report
+TORCH_HOW = ("in a fresh interpreter with glibc's default allocator (as PyTorch's users run it; "
+             "its cumsum states are 2 GB per tensor at N = 16384, and with freed memory retained "
+             "its heap grew to 24 GB, this machine's RAM)")
+
+
+def torch_rows_child(sizes, heads, d, m, peak, repeat):
+    """:func:`torch_rows` in a fresh interpreter, with the C library's default allocator.
+
+    Its own process, so that its memory is its own: with :func:`bench.retain_freed_memory`
+    (this script's default) PyTorch's autograd on the N·F·Dv cumsum states fragmented the
+    heap up to 24 GB at N = 16384 (the default allocator: 9.3 GB), and a full run was killed
+    for memory. Returns None when torch is not installed, and a string saying why when the
+    child failed (e.g. killed for memory)."""
+    here = __file__.rsplit("/", 1)[0]
+    code = (f"import json, sys\nsys.path.insert(0, {here!r})\n"
+            "from bench_linear import torch_rows\n"
+            f"print('__ROWS__', json.dumps(torch_rows({list(sizes)!r}, {heads}, {d}, {m}, {peak!r}, {repeat})))\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    except subprocess.TimeoutExpired:
+        return "timed out after an hour"
+    sys.stderr.write(res.stderr)
+    if res.returncode != 0:
+        why = f"killed by signal {-res.returncode}" if res.returncode < 0 else f"exit status {res.returncode}"
+        return f"the child failed ({why}; -9 is usually the kernel's out-of-memory killer)"
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("__ROWS__ ")][-1]
+    return json.loads(line[len("__ROWS__ "):])
 
 
 def rss_check(n, heads, d, m, inputs_mb):
@@ -271,8 +305,10 @@ def _run(args):
     ctl = control_rows(sizes, heads, d, repeat) if not args.only or "control" in args.only else []
     bench.release_freed_memory()                      # before the fresh-interpreter memory check
     want_torch = not args.only or "torch" in args.only
-    trows = torch_rows([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
-    bench.release_freed_memory()
+    trows = torch_rows_child([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
+    torch_failed = trows if isinstance(trows, str) else None
+    if torch_failed:
+        trows = []
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
     if rows or trows:
@@ -285,6 +321,10 @@ def _run(args):
         print("\nPyTorch: not run (--only).")
     elif trows is None:
         print("\nPyTorch: not installed (optional peer; not benchmarked).")
+    elif torch_failed:
+        print(f"\nPyTorch: not measured: {torch_failed}.")
+    else:
+        print(f"\nPyTorch rows: run {TORCH_HOW}.")
 
     if not rows:                                       # --only control / torch: no target rows
         print(f"\n(total {time.perf_counter() - t0:.0f} s)")

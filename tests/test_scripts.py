@@ -79,6 +79,24 @@ print(kept, released, round(held), round(rss_mb()))
 """
 
 
+def test_bench_linear_torch_peer_runs_in_its_own_process():
+    """The PyTorch peer's rows come from a child interpreter: None without torch, its rows
+    with torch, and a reason (not an exception) when the child fails."""
+    import importlib.util
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_linear
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = bench_linear.torch_rows_child([32, 64], 1, 8, 8, 100.0, 1)
+    if importlib.util.find_spec("torch") is None:
+        assert rows is None
+    else:
+        assert [r["N"] for r in rows] == [32, 64] and all(r["fwd+bwd ms"] > 0 for r in rows)
+    failed = bench_linear.torch_rows_child([32], 1, "undefined_name", 8, 100.0, 1)
+    assert isinstance(failed, str) and "exit status 1" in failed
+
+
 def test_release_freed_memory_returns_the_kept_heap():
     """After retain_freed_memory a freed 512 MB array stays resident; release_freed_memory
     gives it back (glibc), or reports that it did nothing (other C libraries)."""
