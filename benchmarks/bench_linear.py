@@ -17,7 +17,8 @@ medians;
 GFLOP/s on the useful FLOPs of ``cost()`` (per head: forward ``4·F·Dv·N``, backward
 ``8·F·Dv·N``, plus FAVOR+'s projections ``ωᵀq, ωᵀk``, ``2·N·D·m`` each way per input); the fraction of this
 machine's float32 GEMM peak (``bench.gemm_peak``); ``×N→4N`` the time ratio to
-the row with N/4; peak traced memory of one forward+backward beside the size of
+the row with N/4, taken in each round (the two sizes timed side by side) and the median
+over rounds (``bench.median_ratio``); peak traced memory of one forward+backward beside the size of
 q, k, v and dout together; the float32 output's relative error against the
 same core in float64 (first head).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -51,12 +53,12 @@ def build(d, m, causal, method, seed=0, fmap="performer"):
 
 
 CONFIGS = [
-    # name, feature map, causal, method, largest N (None: all)
-    ("performer", "performer", False, "auto", None),
-    ("performer_causal (scan)", "performer", True, "scan", None),
-    ("linear_elu_causal (scan)", "elu", True, "scan", None),
-    ("performer causal chunked", "performer", True, "chunked", 65536),
-    ("performer causal numpy cumsum", "performer", True, "numpy", 16384),
+    # name, feature map, causal, method, largest N (None: all), timed rounds (--repeat overrides)
+    ("performer", "performer", False, "auto", None, 7),
+    ("performer_causal (scan)", "performer", True, "scan", None, 7),
+    ("linear_elu_causal (scan)", "elu", True, "scan", None, 7),
+    ("performer causal chunked", "performer", True, "chunked", 65536, 3),
+    ("performer causal numpy cumsum", "performer", True, "numpy", 16384, 3),   # ~40 s a round
 ]
 
 
@@ -78,11 +80,11 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             core.backward(cache, dout)
         return out
 
-    times = bench.interleaved_fwd_bwd({n: core for n in sizes}, inputs, repeat)
+    rounds = bench.interleaved_fwd_bwd({n: core for n in sizes}, inputs, repeat, rounds=True)
     rows, prev = [], None
     for n in sizes:
         q, k, v, dout = inputs[n]
-        t_f, t_fb = times[n]
+        t_f, t_fb = (statistics.median(t) for t in rounds[n])
         cf = core.cost(n, d, d).scaled(heads).flops
         cb = core.cost(n, d, d, backward=True).scaled(heads).flops
         inputs_mb = 4 * q.nbytes / 2**20
@@ -96,9 +98,9 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             "peak MB": traced, "qkv+dout MB": inputs_mb, "peak/inputs": traced / inputs_mb,
             "err vs f64": float("nan"),
         }
-        if prev is not None and prev["N"] * 4 == n:
-            row["×N→4N fwd"] = row["fwd ms"] / prev["fwd ms"]
-            row["×N→4N fwd+bwd"] = row["fwd+bwd ms"] / prev["fwd+bwd ms"]
+        if prev is not None and prev["N"] * 4 == n:         # side by side: a ratio per round
+            row["×N→4N fwd"] = bench.median_ratio(rounds[n][0], rounds[prev["N"]][0])
+            row["×N→4N fwd+bwd"] = bench.median_ratio(rounds[n][1], rounds[prev["N"]][1])
         if n <= check_max_n:
             ref = core(*(np.asarray(a[:1], np.float64) for a in (q, k, v)))
             row["err vs f64"] = bench.rel_error(call(n, False)[:1], ref)
@@ -124,13 +126,13 @@ def control_rows(sizes, heads, d, repeat):
         s += v
         return s
 
-    times = bench.interleaved_times({(n, "fwd"): (lambda n=n: add(n)) for n in sizes}, repeat, warmup=1)
+    rounds = bench.interleaved_rounds({n: (lambda n=n: add(n)) for n in sizes}, repeat, warmup=1)
     rows, prev = [], None
     for n in sizes:
-        row = {"variant": "control: q + k + v (memory only)", "N": n, "fwd ms": 1e3 * times[n, "fwd"],
-               "×N→4N fwd": float("nan")}
+        row = {"variant": "control: q + k + v (memory only)", "N": n,
+               "fwd ms": 1e3 * statistics.median(rounds[n]), "×N→4N fwd": float("nan")}
         if prev is not None and prev["N"] * 4 == n:
-            row["×N→4N fwd"] = row["fwd ms"] / prev["fwd ms"]
+            row["×N→4N fwd"] = bench.median_ratio(rounds[n], rounds[prev["N"]])
         rows.append(row)
         prev = row
     return rows
@@ -245,7 +247,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, nargs="+", help="sequence lengths (default 4096 ... 262144)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d", type=int, default=64, help="d = dv = m (default 64)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed rounds for every configuration (default: 7 for the target rows "
+                        "performer, performer_causal (scan), linear_elu_causal (scan) and the control; "
+                        "3 for the others and PyTorch)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these configurations (names as in the table, e.g. performer "
                         "'performer_causal (scan)'; 'torch' for the PyTorch peer; 'control' for the "
@@ -289,23 +294,27 @@ def _run(args):
     print(bench.allocator_line())
     print(f"- BLAS threads for the timed runs: {args.blas_threads or 'default'} "
           f"(the GEMM peak above uses BLAS's default)")
+    rounds_said = (f"{repeat} rounds" if repeat else
+                   "7 rounds (the target rows and the control), 3 (chunked, NumPy cumsum, PyTorch)")
     print(f"- float32, d = dv = m = {d}, {heads} heads, q and k standard normal × 0.5, v and dout standard "
-          f"normal; times are medians of {repeat} rounds after a warm-up round; a round times every "
+          f"normal; times are medians of {rounds_said} after a warm-up round; a round times every "
           "size of a configuration once, in turn (forward at each size, then forward+backward at each), "
           "so that no call finds its inputs in cache from its own last repetition and drift hits all "
-          "sizes alike; the machine is shared, so compare rows of one run\n")
+          "sizes alike; ×N→4N is the median over rounds of the ratio within each round; the machine "
+          "is shared, so compare rows of one run\n")
     rows = []
-    for name, fmap, causal, method, max_n in CONFIGS:
+    for name, fmap, causal, method, max_n, config_rounds in CONFIGS:
         if args.only and name not in args.only:
             continue
         core = build(d, m, causal, method, fmap=fmap)
         ns = [n for n in sizes if max_n is None or n <= max_n or args.quick]
-        rows += run_config(name, core, ns, heads, d, m, peak, repeat, check_max_n=16384)
+        rows += run_config(name, core, ns, heads, d, m, peak, repeat or config_rounds, check_max_n=16384)
         bench.release_freed_memory()                  # the next configuration starts from a lean heap
-    ctl = control_rows(sizes, heads, d, repeat) if not args.only or "control" in args.only else []
+    ctl = control_rows(sizes, heads, d, repeat or 7) if not args.only or "control" in args.only else []
     bench.release_freed_memory()                      # before the fresh-interpreter memory check
     want_torch = not args.only or "torch" in args.only
-    trows = torch_rows_child([n for n in sizes if n <= 16384], heads, d, m, peak, repeat) if want_torch else []
+    trows = (torch_rows_child([n for n in sizes if n <= 16384], heads, d, m, peak, repeat or 3)
+             if want_torch else [])
     torch_failed = trows if isinstance(trows, str) else None
     if torch_failed:
         trows = []

@@ -51,8 +51,10 @@ __all__ = [
     "bench_core",
     "random_qkv",
     "retain_freed_memory",
+    "interleaved_rounds",
     "interleaved_times",
     "interleaved_fwd_bwd",
+    "median_ratio",
 ]
 
 
@@ -68,14 +70,15 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """Median wall time in seconds of each ``fns[key]()``, timed in rounds that call every key
-    once, in order (``warmup`` untimed rounds first).
+def interleaved_rounds(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """Wall times in seconds of each ``fns[key]()``, ``{key: [one per timed round]}``, timed
+    in rounds that call every key once, in order (``warmup`` untimed rounds first).
 
     Meant for growth factors (time at 4N over time at N). Each call follows a call of
     another key, so no size finds its inputs still in cache from its own previous
     repetition: in back-to-back repetitions, the smallest sizes can, and look cheaper.
-    Drift of a shared machine over a run also hits every key alike. Every key's inputs
+    Drift of a shared machine over a run also hits every key alike, and the times of one
+    round were taken side by side (:func:`median_ratio` pairs them). Every key's inputs
     must be held at once.
     """
     keys = list(fns)
@@ -86,14 +89,33 @@ def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
             fns[key]()
             if r >= warmup:
                 times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(t) for key, t in times.items()}
+    return times
 
 
-def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int = 1) -> dict:
+def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """Median wall time in seconds of each ``fns[key]()`` over the rounds of
+    :func:`interleaved_rounds`."""
+    return {key: statistics.median(t) for key, t in interleaved_rounds(fns, repeat, warmup).items()}
+
+
+def median_ratio(num, den) -> float:
+    """Median over rounds of ``num[i] / den[i]``: a ratio of two times taken in the same
+    round (:func:`interleaved_rounds`), side by side. A shared machine's speed drifts
+    between rounds; a ratio of two medians can pair a fast round of one key with a slow
+    round of the other, and this cannot."""
+    if len(num) != len(den) or not len(num):
+        raise ValueError(f"median_ratio needs two equally long, non-empty lists of times, "
+                         f"got {len(num)} and {len(den)}")
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int = 1, *,
+                        rounds: bool = False) -> dict:
     """``{n: (t_fwd, t_fwd_bwd)}`` for ``cores[n]`` on ``inputs[n] = (q, k, v, dout)``: every
     size's forward, then every size's forward+backward, in the rounds of
-    :func:`interleaved_times` (all inputs held at once). The pair is what ``bench_core(...,
-    times=)`` takes."""
+    :func:`interleaved_rounds` (all inputs held at once); medians, the pair that
+    ``bench_core(..., times=)`` takes. ``rounds=True``: the lists of per-round times
+    instead of their medians."""
     def call(n, backward):
         q, k, v, dout = inputs[n]
         out, cache = cores[n].forward(q, k, v)
@@ -102,7 +124,9 @@ def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int 
 
     fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b))
            for kind in ("fwd", "fwd+bwd") for n in inputs}
-    t = interleaved_times(fns, repeat, warmup)
+    t = interleaved_rounds(fns, repeat, warmup)
+    if not rounds:
+        t = {key: statistics.median(v) for key, v in t.items()}
     return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in inputs}
 
 

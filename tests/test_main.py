@@ -1,5 +1,6 @@
 """The main command and the benchmark harness."""
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +74,32 @@ def test_interleaved_times_visits_keys_in_rounds():
     assert 0.001 <= t["a"] < 0.02
 
 
+def test_interleaved_rounds_and_median_ratio_pair_the_rounds():
+    """interleaved_rounds keeps one time per timed round and key; median_ratio divides the
+    times of one round by each other, so drift between rounds cancels where a ratio of
+    medians would not."""
+    speed = iter([1, 1, 1, 1, 1, 4, 4, 4])   # the machine slows down, once between the two calls of a round
+    calls = []
+
+    def fn(key):
+        factor = next(speed)
+        calls.append(key)
+        time.sleep(0.002 * factor * (2 if key == "big" else 1))
+    t = bench.interleaved_rounds({"small": lambda: fn("small"), "big": lambda: fn("big")}, repeat=3, warmup=1)
+    assert calls == ["small", "big"] * 4 and {k: len(v) for k, v in t.items()} == {"small": 3, "big": 3}
+    # timed rounds (small, big) at slowness (1, 1), (1, 4), (4, 4): within-round ratios 2, 8, 2;
+    # the medians alone are 1 (small) and 8 (big) units
+    assert abs(bench.median_ratio(t["big"], t["small"]) - 2) < 0.5
+    assert statistics.median(t["big"]) / statistics.median(t["small"]) > 5
+    assert bench.median_ratio([2.0, 4.0, 30.0], [1.0, 2.0, 3.0]) == 2.0
+    with pytest.raises(ValueError, match="equally long"):
+        bench.median_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        bench.median_ratio([], [])
+    medians = bench.interleaved_times({"a": lambda: time.sleep(0.001)}, repeat=2, warmup=0)
+    assert set(medians) == {"a"} and medians["a"] >= 0.001
+
+
 def test_interleaved_fwd_bwd_order_and_pairs():
     """Every size's forward, then every size's forward+backward, each on its own core and
     inputs; the result pairs (t_fwd, t_fwd_bwd) per size."""
@@ -96,6 +123,9 @@ def test_interleaved_fwd_bwd_order_and_pairs():
     one_round = [("f", 2, "q2"), ("f", 8, "q8"), ("f", 2, "q2"), ("b", 2, "d2"), ("f", 8, "q8"), ("b", 8, "d8")]
     assert calls == one_round * 3
     assert set(t) == {2, 8} and all(fb > f + 0.005 for f, fb in t.values())
+    calls.clear()
+    r = bench.interleaved_fwd_bwd({n: Core(n) for n in inputs}, inputs, repeat=2, warmup=1, rounds=True)
+    assert calls == one_round * 3 and all(len(f) == len(fb) == 2 for f, fb in r.values())
 
 
 def test_gemm_peak_and_rss_subprocesses():
