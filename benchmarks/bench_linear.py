@@ -138,9 +138,11 @@ def control_rows(sizes, heads, d, repeat):
     return rows
 
 
-def torch_rows(sizes, heads, d, m, peak, repeat):
+def torch_rows(sizes, heads, d, m, peak, repeat, report=None):
     """Causal linear attention in PyTorch (elu+1 features, cumsum), in this process; None
-    when torch is not installed. :func:`torch_rows_child` runs it in a fresh interpreter."""
+    when torch is not installed; ``report(row)`` is called as each size's row is done.
+    :func:`torch_rows_child` runs it in a fresh interpreter. PyTorch's own threads (not
+    ``--blas-threads``) run it."""
     try:
         import torch
     except ImportError:
@@ -171,37 +173,55 @@ def torch_rows(sizes, heads, d, m, peak, repeat):
         rows.append({"variant": "torch cumsum (elu)", "N": n, "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
                      "fwd GFLOP/s": 4 * d * d * n * heads / t_f / 1e9, "fwd+bwd GFLOP/s": flops / t_fb / 1e9,
                      "% peak": 100 * flops / t_fb / 1e9 / peak})
+        if report is not None:
+            report(rows[-1])
     return rows
 
 
 #: how the PyTorch peer is run, for the report
-TORCH_HOW = ("in a fresh interpreter with glibc's default allocator (as PyTorch's users run it; "
-             "its cumsum states are 2 GB per tensor at N = 16384, and with freed memory retained "
-             "its heap grew to 24 GB, this machine's RAM)")
+TORCH_HOW = ("in a fresh interpreter with the C library's allocator as the environment sets it (on "
+             "glibc without MALLOC_* variables or LD_PRELOAD: blocks above 32 MB are fresh pages on every "
+             "allocation, PyTorch's out-of-the-box setting; its CPU tuning guide recommends jemalloc or "
+             "tcmalloc, which keep freed memory). Its cumsum states are 2 GB per tensor at N = 16384; with "
+             "freed memory kept, as for the other rows, its heap grew to 24 GB, this machine's RAM, and its "
+             "times were 2-3x shorter")
 
 
 def torch_rows_child(sizes, heads, d, m, peak, repeat):
-    """:func:`torch_rows` in a fresh interpreter, with the C library's default allocator.
+    """:func:`torch_rows` in a fresh interpreter, ``(rows, reason)``.
 
-    Its own process, so that its memory is its own: with :func:`bench.retain_freed_memory`
-    (this script's default) PyTorch's autograd on the N·F·Dv cumsum states fragmented the
-    heap up to 24 GB at N = 16384 (the default allocator: 9.3 GB), and a full run was killed
-    for memory. Returns None when torch is not installed, and a string saying why when the
-    child failed (e.g. killed for memory)."""
+    Its own process, so that its memory is its own, with the allocator the environment
+    gives it (not :func:`bench.retain_freed_memory`): with freed memory kept, PyTorch's
+    autograd on the N·F·Dv cumsum states fragmented the heap up to 24 GB at N = 16384 (the
+    default allocator: 9.3 GB), and a full run was killed for memory. ``rows`` is None when
+    torch is not installed; ``reason`` is None, or says why the child stopped early (e.g.
+    killed for memory), and ``rows`` then holds the sizes done before. Its progress goes
+    to this process's stderr as it runs."""
     here = __file__.rsplit("/", 1)[0]
     code = (f"import json, sys\nsys.path.insert(0, {here!r})\n"
             "from bench_linear import torch_rows\n"
-            f"print('__ROWS__', json.dumps(torch_rows({list(sizes)!r}, {heads}, {d}, {m}, {peak!r}, {repeat})))\n")
+            "report = lambda row: print('__ROW__', json.dumps(row), flush=True)\n"
+            f"if torch_rows({list(sizes)!r}, {heads}, {d}, {m}, {peak!r}, {repeat}, report) is None:\n"
+            "    print('__NO_TORCH__')\n"
+            "print('__DONE__', flush=True)\n")
     try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
-    except subprocess.TimeoutExpired:
-        return "timed out after an hour"
-    sys.stderr.write(res.stderr)
-    if res.returncode != 0:
-        why = f"killed by signal {-res.returncode}" if res.returncode < 0 else f"exit status {res.returncode}"
-        return f"the child failed ({why}; -9 is usually the kernel's out-of-memory killer)"
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("__ROWS__ ")][-1]
-    return json.loads(line[len("__ROWS__ "):])
+        res = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, timeout=3600)
+    except subprocess.TimeoutExpired as exc:
+        out, reason = exc.stdout or "", "timed out after an hour"
+    else:
+        out, reason = res.stdout, None
+        if res.returncode != 0:
+            why = f"killed by signal {-res.returncode}" if res.returncode < 0 else f"exit status {res.returncode}"
+            reason = f"the child failed ({why}; signal 9 is usually the kernel's out-of-memory killer)"
+    if isinstance(out, bytes):
+        out = out.decode(errors="replace")
+    lines = out.splitlines()
+    if "__NO_TORCH__" in lines:
+        return None, None
+    if reason is None and "__DONE__" not in lines:
+        reason = "the child ended without finishing"
+    rows = [json.loads(ln[len("__ROW__ "):]) for ln in lines if ln.startswith("__ROW__ ")]
+    return rows, reason
 
 
 def rss_check(n, heads, d, m, inputs_mb):
@@ -259,11 +279,14 @@ def main(argv=None):
                    help="only the whole-process memory check of the causal scan at the largest N")
     p.add_argument("--blas-threads", type=int, default=None,
                    help="limit BLAS threads (threadpoolctl) for the timed runs; on a busy shared machine "
-                        "1 avoids OpenBLAS threads waiting on each other (default: BLAS's own)")
+                        "1 avoids OpenBLAS threads waiting on each other (default: BLAS's own; the "
+                        "PyTorch child runs on PyTorch's own threads)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave the C allocator as it is (default: bench.retain_freed_memory(), so that "
                         "arrays of 32 MB or more are not fresh zeroed pages on every call)")
     args = p.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
     if not args.default_malloc:
         bench.retain_freed_memory()
     known = [c[0] for c in CONFIGS] + ["torch", "control"]
@@ -313,11 +336,13 @@ def _run(args):
     ctl = control_rows(sizes, heads, d, repeat or 7) if not args.only or "control" in args.only else []
     bench.release_freed_memory()                      # before the fresh-interpreter memory check
     want_torch = not args.only or "torch" in args.only
-    trows = (torch_rows_child([n for n in sizes if n <= 16384], heads, d, m, peak, repeat or 3)
-             if want_torch else [])
-    torch_failed = trows if isinstance(trows, str) else None
-    if torch_failed:
-        trows = []
+    trows, torch_failed = (torch_rows_child([n for n in sizes if n <= 16384], heads, d, m, peak, repeat or 3)
+                           if want_torch else ([], None))
+    torch_said = ("not run (--only)" if not want_torch else "not installed" if trows is None
+                  else f"stopped early: {torch_failed}" if torch_failed else "run " + TORCH_HOW)
+    meta = {"rounds": repeat or {c[0]: c[5] for c in CONFIGS} | {"control": 7, "torch": 3},
+            "growth": "median over rounds of the within-round ratio (bench.median_ratio)",
+            "torch": torch_said}
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
     if rows or trows:
@@ -331,14 +356,14 @@ def _run(args):
     elif trows is None:
         print("\nPyTorch: not installed (optional peer; not benchmarked).")
     elif torch_failed:
-        print(f"\nPyTorch: not measured: {torch_failed}.")
+        print(f"\nPyTorch: stopped early, {len(trows)} of its sizes measured: {torch_failed}.")
     else:
         print(f"\nPyTorch rows: run {TORCH_HOW}.")
 
     if not rows:                                       # --only control / torch: no target rows
         print(f"\n(total {time.perf_counter() - t0:.0f} s)")
         if args.json:
-            bench.write_json(args.json, {"gemm_peak": peak_info, "rows": trows or [], "control": ctl})
+            bench.write_json(args.json, {"gemm_peak": peak_info, "rows": trows or [], "control": ctl, **meta})
         return 0
     # targets
     scan = [r for r in rows if r["variant"].endswith("_causal (scan)")]
@@ -375,7 +400,8 @@ def _run(args):
         rss_check(big[0]["N"], heads, d, m, big[0]["qkv+dout MB"])
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        bench.write_json(args.json, {"gemm_peak": peak_info, "rows": rows + (trows or []), "control": ctl})
+        bench.write_json(args.json, {"gemm_peak": peak_info, "rows": rows + (trows or []), "control": ctl,
+                                     **meta})
     return 0
 
 

@@ -74,30 +74,33 @@ def test_interleaved_times_visits_keys_in_rounds():
     assert 0.001 <= t["a"] < 0.02
 
 
-def test_interleaved_rounds_and_median_ratio_pair_the_rounds():
+def test_interleaved_rounds_and_median_ratio_pair_the_rounds(monkeypatch):
     """interleaved_rounds keeps one time per timed round and key; median_ratio divides the
     times of one round by each other, so drift between rounds cancels where a ratio of
-    medians would not."""
-    speed = iter([1, 1, 1, 1, 1, 4, 4, 4])   # the machine slows down, once between the two calls of a round
+    medians would not. A scripted clock: each call advances it by its scripted duration."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    slowness = iter([1, 1, 1, 1, 1, 4, 4, 4])   # the machine slows down, once between the two calls of a round
     calls = []
 
     def fn(key):
-        factor = next(speed)
         calls.append(key)
-        time.sleep(0.002 * factor * (2 if key == "big" else 1))
+        clock[0] += next(slowness) * (2 if key == "big" else 1)
     t = bench.interleaved_rounds({"small": lambda: fn("small"), "big": lambda: fn("big")}, repeat=3, warmup=1)
-    assert calls == ["small", "big"] * 4 and {k: len(v) for k, v in t.items()} == {"small": 3, "big": 3}
-    # timed rounds (small, big) at slowness (1, 1), (1, 4), (4, 4): within-round ratios 2, 8, 2;
-    # the medians alone are 1 (small) and 8 (big) units
-    assert abs(bench.median_ratio(t["big"], t["small"]) - 2) < 0.5
-    assert statistics.median(t["big"]) / statistics.median(t["small"]) > 5
-    assert bench.median_ratio([2.0, 4.0, 30.0], [1.0, 2.0, 3.0]) == 2.0
+    assert calls == ["small", "big"] * 4
+    # timed rounds (small, big) at slowness (1, 1), (1, 4), (4, 4): the warm-up round is dropped
+    assert t == {"small": [1.0, 1.0, 4.0], "big": [2.0, 8.0, 8.0]}
+    # within-round ratios 2, 8, 2; the medians alone are 1 and 8
+    assert bench.median_ratio(t["big"], t["small"]) == 2.0
+    assert statistics.median(t["big"]) / statistics.median(t["small"]) == 8.0
+    assert bench.median_ratio([2.0, 4.0, 30.0, 9.0], [1.0, 2.0, 3.0, 3.0]) == 2.5   # even count: mean of the middle two
     with pytest.raises(ValueError, match="equally long"):
         bench.median_ratio([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="non-empty"):
         bench.median_ratio([], [])
-    medians = bench.interleaved_times({"a": lambda: time.sleep(0.001)}, repeat=2, warmup=0)
-    assert set(medians) == {"a"} and medians["a"] >= 0.001
+    slowness = iter([3, 3])
+    assert bench.interleaved_times({"s": lambda: fn("small"), "b": lambda: fn("big")}, repeat=1, warmup=0) \
+        == {"s": 3.0, "b": 6.0}
 
 
 def test_interleaved_fwd_bwd_order_and_pairs():

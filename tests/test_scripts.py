@@ -79,22 +79,51 @@ print(kept, released, round(held), round(rss_mb()))
 """
 
 
-def test_bench_linear_torch_peer_runs_in_its_own_process():
-    """The PyTorch peer's rows come from a child interpreter: None without torch, its rows
-    with torch, and a reason (not an exception) when the child fails."""
-    import importlib.util
+def _bench_linear():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_linear
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    rows = bench_linear.torch_rows_child([32, 64], 1, 8, 8, 100.0, 1)
+    return bench_linear
+
+
+def test_bench_linear_torch_peer_runs_in_its_own_process():
+    """The PyTorch peer's rows come from a child interpreter: None without torch, its rows
+    with torch, and a reason (not an exception) when the child fails."""
+    import importlib.util
+    bench_linear = _bench_linear()
+    rows, reason = bench_linear.torch_rows_child([32, 64], 1, 8, 8, 100.0, 1)
     if importlib.util.find_spec("torch") is None:
-        assert rows is None
+        assert rows is None and reason is None
     else:
+        assert reason is None
         assert [r["N"] for r in rows] == [32, 64] and all(r["fwd+bwd ms"] > 0 for r in rows)
-    failed = bench_linear.torch_rows_child([32], 1, "undefined_name", 8, 100.0, 1)
-    assert isinstance(failed, str) and "exit status 1" in failed
+    rows, reason = bench_linear.torch_rows_child([32], 1, "undefined_name", 8, 100.0, 1)
+    assert rows == [] and "exit status 1" in reason
+
+
+def test_bench_linear_torch_child_killed_keeps_the_sizes_done(monkeypatch, tmp_path, capsys):
+    """A child killed mid-way (signal 9, the out-of-memory killer) gives the rows it printed
+    and a reason; main() prints them and says so, in the table and in --json."""
+    import json
+    bench_linear = _bench_linear()
+    row = {"variant": "torch cumsum (elu)", "N": 128, "fwd ms": 1.0, "fwd+bwd ms": 3.0}
+    killed = subprocess.CompletedProcess([], -9, stdout=f"__ROW__ {json.dumps(row)}\n")
+    unfinished = subprocess.CompletedProcess([], 0, stdout="")
+    with monkeypatch.context() as m:               # subprocess.run itself: undone before main()
+        m.setattr(bench_linear.subprocess, "run", lambda *a, **k: killed)
+        rows, reason = bench_linear.torch_rows_child([128, 512], 1, 8, 8, 100.0, 1)
+        assert rows == [row] and "signal 9" in reason
+        m.setattr(bench_linear.subprocess, "run", lambda *a, **k: unfinished)
+        assert bench_linear.torch_rows_child([128], 1, 8, 8, 100.0, 1) == ([], "the child ended without finishing")
+    monkeypatch.setattr(bench_linear, "torch_rows_child", lambda *a: ([row], "the child failed (killed by signal 9)"))
+    out_json = tmp_path / "t.json"
+    assert bench_linear.main(["--quick", "--only", "torch", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "| torch cumsum (elu) | 128 |" in out and "PyTorch: stopped early, 1 of its sizes measured" in out
+    saved = json.loads(out_json.read_text())
+    assert saved["rows"] == [row] and saved["torch"].startswith("stopped early") and saved["rounds"] == 1
 
 
 def test_release_freed_memory_returns_the_kept_heap():
