@@ -16,7 +16,9 @@ much this machine's memory alone inflates an exactly linear pass; not a target).
 medians;
 GFLOP/s on the useful FLOPs of ``cost()`` (per head: forward ``4·F·Dv·N``, backward
 ``8·F·Dv·N``, plus FAVOR+'s projections ``ωᵀq, ωᵀk``, ``2·N·D·m`` each way per input); the fraction of this
-machine's float32 GEMM peak (``bench.gemm_peak``); ``×N→4N`` the time ratio to
+machine's float32 GEMM peak (``bench.gemm_peak``, read once at the start) and of a float32
+2048² GEMM timed in the same rounds as the variant (this process's BLAS; the GEMM-fraction
+target is judged on the higher of the two readings); ``×N→4N`` the time ratio to
 the row with N/4, taken in each round (the two sizes timed side by side) and the median
 over rounds (``bench.median_ratio``); peak traced memory of one forward+backward beside the size of
 q, k, v and dout together; the float32 output's relative error against the
@@ -62,6 +64,24 @@ CONFIGS = [
 ]
 
 
+#: the GEMM timed in every round of :func:`run_config`: float32 2048 × 2048 by 2048 × 2048,
+#: in this process (its BLAS, with the OPENBLAS_* overrides when they are set)
+GEMM_N = 2048
+GEMM_FLOPS = 2 * GEMM_N ** 3
+_GEMM_ARRAYS = []
+
+
+def gemm_call():
+    """One float32 ``GEMM_N``² matmul into a preallocated output (arrays made on the first call)."""
+    if not _GEMM_ARRAYS:
+        rng = np.random.default_rng(0)
+        _GEMM_ARRAYS.extend([rng.standard_normal((GEMM_N, GEMM_N), dtype=np.float32),
+                             rng.standard_normal((GEMM_N, GEMM_N), dtype=np.float32),
+                             np.empty((GEMM_N, GEMM_N), np.float32)])
+    a, b, c = _GEMM_ARRAYS
+    np.matmul(a, b, out=c)
+
+
 def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
     """The rows of one configuration; every size's forward and forward+backward timed in
     interleaved rounds (:func:`efficient_attention.bench.interleaved_fwd_bwd`), so every size's
@@ -80,7 +100,13 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             core.backward(cache, dout)
         return out
 
-    rounds = bench.interleaved_fwd_bwd({n: core for n in sizes}, inputs, repeat, rounds=True)
+    # every size's forward, then every size's forward+backward (as bench.interleaved_fwd_bwd),
+    # then a GEMM, in each round: the GEMM's rate is read side by side with the variant's
+    fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b)) for kind in ("fwd", "fwd+bwd") for n in sizes}
+    fns["gemm"] = gemm_call
+    timed = bench.interleaved_rounds(fns, repeat)
+    rounds = {n: (timed[n, "fwd"], timed[n, "fwd+bwd"]) for n in sizes}
+    gemm_here = statistics.median(GEMM_FLOPS / t for t in timed["gemm"]) / 1e9
     rows, prev = [], None
     for n in sizes:
         q, k, v, dout = inputs[n]
@@ -94,6 +120,7 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
             "fwd GFLOP/s": cf / t_f / 1e9, "fwd+bwd GFLOP/s": (cf + cb) / t_fb / 1e9,
             "% peak": 100 * (cf + cb) / t_fb / 1e9 / peak,
+            "GEMM in rounds GFLOP/s": gemm_here, "% GEMM in rounds": 100 * (cf + cb) / t_fb / 1e9 / gemm_here,
             "×N→4N fwd": float("nan"), "×N→4N fwd+bwd": float("nan"),
             "peak MB": traced, "qkv+dout MB": inputs_mb, "peak/inputs": traced / inputs_mb,
             "err vs f64": float("nan"),
@@ -343,7 +370,7 @@ def _run(args):
     meta = {"rounds": repeat or {c[0]: c[5] for c in CONFIGS} | {"control": 7, "torch": 3},
             "growth": "median over rounds of the within-round ratio (bench.median_ratio)",
             "torch": torch_said}
-    cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak",
+    cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak", "% GEMM in rounds",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
     if rows or trows:
         print(bench.markdown_table(rows + (trows or []), cols))
@@ -389,8 +416,14 @@ def _run(args):
                 w, kind, n = max(ratios[name])
                 print(f"  - {name}: worst {w:.2f}× ({kind}, {n // 4} → {n}) → {'met' if w <= 4.4 else 'NOT met'}")
     for r in [r for r in scan if r["N"] == 65536]:
+        # judged on the higher of two readings of the GEMM rate: the peak read at the start (as in
+        # the patterns issue) and the GEMM timed in this configuration's rounds; a shared machine's
+        # speed drifts, and a single reading taken in a slow moment would flatter the fraction
+        worst = min(r["% peak"], r["% GEMM in rounds"])
         print(f"- {r['variant']} fwd+bwd at N = 65536: {r['fwd+bwd GFLOP/s']:.1f} GFLOP/s = {r['% peak']:.1f}% of "
-              f"the float32 GEMM peak {peak:.1f} GFLOP/s → {'met' if r['% peak'] >= 20 else 'NOT met'} (target 20%)")
+              f"the float32 GEMM peak read at the start ({peak:.1f} GFLOP/s) and {r['% GEMM in rounds']:.1f}% "
+              f"of a GEMM timed in the same rounds ({r['GEMM in rounds GFLOP/s']:.1f} GFLOP/s); on the higher "
+              f"reading {worst:.1f}% → {'met' if worst >= 20 else 'NOT met'} (target 20%)")
     big = [r for r in scan if r["N"] == max(sizes)]
     for r in big:
         print(f"- {r['variant']} peak traced memory at N = {r['N']}: {r['peak MB']:.0f} MB = "

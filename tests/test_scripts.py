@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ def test_bench_linear_only_selects_and_rejects_unknown_names():
     script = ROOT / "benchmarks" / "bench_linear.py"
     out = _run([str(script), "--quick", "--only", "performer_causal (scan)"])
     assert "| performer_causal (scan) |" in out and "| performer |" not in out
+    assert "| % peak | % GEMM in rounds |" in out                      # the GEMM timed beside the variant
     assert "| control: q + k + v (memory only) |" not in out
     assert "  - performer_causal (scan): worst " in out and "(fwd" in out and "128 → 512)" in out
     assert "- time linear in N (N→4N ≤ 4.4×), FAVOR+, the issue's configuration" in out
@@ -86,6 +88,14 @@ def _bench_linear():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     return bench_linear
+
+
+def test_bench_linear_gemm_call_multiplies():
+    bench_linear = _bench_linear()
+    bench_linear.gemm_call()
+    a, b, c = bench_linear._GEMM_ARRAYS
+    assert c.shape == (bench_linear.GEMM_N,) * 2 and bench_linear.GEMM_FLOPS == 2 * bench_linear.GEMM_N ** 3
+    np.testing.assert_allclose(c[:4, :4], a[:4].astype(np.float64) @ b[:, :4].astype(np.float64), rtol=1e-4, atol=1e-3)
 
 
 def test_bench_linear_torch_peer_runs_in_its_own_process():
