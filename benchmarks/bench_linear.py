@@ -8,7 +8,7 @@ N = 4096 ... 262144, in one run:
 * ``causal chunked``      causal, chunks of 64 (dense masked products + carried state, BLAS);
 * ``causal numpy cumsum`` causal, the NumPy ``cumsum`` reference (blocks of 256 tokens);
 * PyTorch-based linear attention when ``torch`` is importable (not a dependency), in a fresh
-  interpreter with the C library's default allocator (:func:`torch_rows_child`).
+  interpreter with the allocator the environment gives it (:func:`torch_rows_child`).
 
 Also ``linear_elu_causal`` (elu + 1 features: no projection), and a memory-only control
 (``q + k + v``, timed the same way in its own interleaved rounds after the variants: how
@@ -83,9 +83,10 @@ def gemm_call():
 
 
 def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
-    """The rows of one configuration; every size's forward and forward+backward timed in
-    interleaved rounds (:func:`efficient_attention.bench.interleaved_fwd_bwd`), so every size's
-    inputs are held at once (2.7 GB for 4096 … 262144)."""
+    """The rows of one configuration; every size's forward, every size's forward+backward and
+    a GEMM (:func:`gemm_call`) timed in interleaved rounds
+    (:func:`efficient_attention.bench.interleaved_rounds`), so every size's inputs are held at
+    once (2.7 GB for 4096 … 262144)."""
     inputs = {}
     for n in sizes:
         q, k, v, dout = bench.random_qkv((heads,), n, d, d, np.float32, seed=1)
@@ -348,7 +349,8 @@ def _run(args):
                    "7 rounds (the target rows and the control), 3 (chunked, NumPy cumsum, PyTorch)")
     print(f"- float32, d = dv = m = {d}, {heads} heads, q and k standard normal × 0.5, v and dout standard "
           f"normal; times are medians of {rounds_said} after a warm-up round; a round times every "
-          "size of a configuration once, in turn (forward at each size, then forward+backward at each), "
+          "size of a configuration once, in turn (forward at each size, then forward+backward at each, "
+          "then a 2048² GEMM), "
           "so that no call finds its inputs in cache from its own last repetition and drift hits all "
           "sizes alike; ×N→4N is the median over rounds of the ratio within each round; the machine "
           "is shared, so compare rows of one run\n")

@@ -109,13 +109,11 @@ def median_ratio(num, den) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int = 1, *,
-                        rounds: bool = False) -> dict:
+def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int = 1) -> dict:
     """``{n: (t_fwd, t_fwd_bwd)}`` for ``cores[n]`` on ``inputs[n] = (q, k, v, dout)``: every
     size's forward, then every size's forward+backward, in the rounds of
-    :func:`interleaved_rounds` (all inputs held at once); medians, the pair that
-    ``bench_core(..., times=)`` takes. ``rounds=True``: the lists of per-round times
-    instead of their medians."""
+    :func:`interleaved_times` (all inputs held at once). The pair is what ``bench_core(...,
+    times=)`` takes."""
     def call(n, backward):
         q, k, v, dout = inputs[n]
         out, cache = cores[n].forward(q, k, v)
@@ -124,9 +122,7 @@ def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int 
 
     fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b))
            for kind in ("fwd", "fwd+bwd") for n in inputs}
-    t = interleaved_rounds(fns, repeat, warmup)
-    if not rounds:
-        t = {key: statistics.median(v) for key, v in t.items()}
+    t = interleaved_times(fns, repeat, warmup)
     return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in inputs}
 
 
