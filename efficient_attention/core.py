@@ -212,7 +212,7 @@ class Variant:
 
 
 _REGISTRY: dict[str, Variant] = {}
-_NOT_CHAPTERS = {"__main__", "bench", "testing", "gradcheck", "core", "validate", "softmax"}
+_NOT_CHAPTERS = {"__main__", "bench", "testing", "gradcheck", "core", "validate", "softmax", "conformance"}
 _loaded = False
 
 

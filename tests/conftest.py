@@ -1,15 +1,19 @@
 """Test configuration: hypothesis profiles.
 
-``CI`` set (as in .ci/run): hypothesis loads its own ``ci`` profile
-(derandomized, no deadline, no database). Locally: ``dev``, with no deadline
-because the first example of a numba path pays the JIT compile.
+The default profile ``ea`` is derandomized (each test draws the same examples
+on every run and machine), with no deadline (the first example of a numba path
+pays the JIT compile) and no example database, so the README's test command
+gives the same result every time, with or without ``CI`` set.
+
+``HYPOTHESIS_PROFILE=fuzz`` opts in to exploratory runs: randomized, more
+examples, and hypothesis prints the seed of a failing run
+(``@reproduce_failure`` blob) so it can be replayed and turned into a test.
 """
 import os
 
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("dev", deadline=None, max_examples=40,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ea-ci", deadline=None, derandomize=True, database=None, max_examples=40,
-                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
-settings.load_profile("ea-ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ea", derandomize=True, database=None, max_examples=40, print_blob=True, **_COMMON)
+settings.register_profile("fuzz", derandomize=False, max_examples=400, print_blob=True, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ea"))

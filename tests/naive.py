@@ -52,3 +52,29 @@ def attention_grads_loop(q, k, v, dout, mask=None, causal=False, scale=None):
                 dq[b + (i,)] += scale * dsj * k[b + (j,)]
                 dk[b + (j,)] += scale * dsj * q[b + (i,)]
     return dq, dk, dv
+
+
+def attention_in_dtype(q, k, v, dout=None, mask=None, causal=False, scale=None):
+    """The textbook formulas, vectorised, in the inputs' own dtype (no float64 anywhere):
+    ``(out,)`` or ``(out, dq, dk, dv)``. An independent low-precision implementation (scale
+    applied to q, P normalised before P·V, the rowsum(P ⊙ dP) form of the softmax backward),
+    for the ``lowp`` rule of ``assert_attention_close``."""
+    q, k, v = (np.asarray(a) for a in (q, k, v))
+    sc = q.dtype.type(q.shape[-1] ** -0.5 if scale is None else scale)
+    s = (q * sc) @ np.swapaxes(k, -1, -2)
+    allowed = np.ones(s.shape[-2:], bool) if mask is None else np.asarray(mask, bool)
+    if causal:
+        allowed = allowed & (np.arange(s.shape[-1])[None, :] <= np.arange(s.shape[-2])[:, None])
+    s = np.where(allowed, s, -np.inf)
+    top = np.max(s, axis=-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(top), top, 0))
+    z = np.sum(p, axis=-1, keepdims=True)
+    p = p / np.where(z > 0, z, 1)
+    out = (p @ v).astype(q.dtype)
+    if dout is None:
+        return (out,)
+    dout = np.asarray(dout, dtype=q.dtype)
+    dv = np.swapaxes(p, -1, -2) @ dout
+    dp = dout @ np.swapaxes(v, -1, -2)
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    return out, (ds @ k) * sc, (np.swapaxes(ds, -1, -2) @ q) * sc, dv

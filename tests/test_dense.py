@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import efficient_attention as ea
 from efficient_attention.testing import assert_attention_close, masks, qkv, sparse_masks
 
-from naive import attention_grads_loop, attention_loop
+from naive import attention_grads_loop, attention_in_dtype, attention_loop
 
 
 @st.composite
@@ -60,12 +60,16 @@ def test_float32_matches_float64(c):
     out32, cache = core.forward(q, k, v, mask=mask)
     assert out32.dtype == np.float32
     out64, cache64 = core.forward(*(a.astype(np.float64) for a in (q, k, v)), mask=mask)
-    assert_attention_close(out32, out64, np.float32)
     dout = np.ones_like(out32)
     g32, g64 = core.backward(cache, dout), core.backward(cache64, dout.astype(np.float64))
-    for a, b in zip(g32[:3], g64[:3]):
+    # the lowp rule with an independent float32 implementation (the oracle itself would pass itself)
+    dense = None if mask is None else (mask if isinstance(mask, np.ndarray) else mask.toarray())
+    lowp = attention_in_dtype(q, k, v, dout, dense, causal, scale)
+    magnitude = ea.testing.rounding_scale(q, k, v, dout, mask=dense, causal=causal, scale=scale)
+    for a, b, ref, mag, kind in zip((out32,) + tuple(g32[:3]), (out64,) + tuple(g64[:3]), lowp, magnitude,
+                                    ("value", "grad", "grad", "grad")):
         assert a.dtype == np.float32
-        assert_attention_close(a, b, np.float32, kind="grad")
+        assert_attention_close(a, b, np.float32, lowp=ref, magnitude=mag, kind=kind)
 
 
 def test_fully_masked_rows_zero_output_zero_grad_no_warning():

@@ -103,3 +103,31 @@ def test_patterns_strategy_draws_valid_csr(data):
     q, k, v = (np.random.default_rng(0).standard_normal(s) for s in ((n, 3), (m, 3), (m, 2)))
     dense = ea.DenseAttention()(q, k, v, mask=pat.toarray())
     np.testing.assert_allclose(ea.DenseAttention()(q, k, v, mask=pat), dense)
+
+
+def test_default_profile_is_derandomized():
+    """The README's test command draws the same examples on every run and machine."""
+    import os
+
+    from hypothesis import settings as current
+    if os.environ.get("HYPOTHESIS_PROFILE", "ea") == "ea":
+        assert current.default.derandomize and current.default.database is None
+
+
+def test_dense_oracle_and_assert_close_to_oracle():
+    rng = np.random.default_rng(0)
+    q, k, v, g = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, 3), (2, 6, 3), (2, 6, 2), (2, 5, 2)))
+    mask = rng.random((5, 6)) < 0.6
+    mask[1] = False
+    oracle = ea.testing.dense_oracle(q, k, v, g, mask=mask, causal=True)
+    assert [a.dtype for a in oracle.expected] == [np.float64] * 4
+    assert [a.dtype for a in oracle.lowp] == [np.float32] * 4
+    assert all(m.shape == e.shape for m, e in zip(oracle.magnitude, oracle.expected))
+    assert np.all(oracle.magnitude[0][:, 1] == 0)          # a fully masked row sums no terms
+    ea.testing.assert_close_to_oracle(oracle.lowp, oracle, np.float32)
+    wrong = list(oracle.lowp)
+    wrong[2] = wrong[2] + np.float32(1e-3)
+    with pytest.raises(AssertionError, match="dk"):
+        ea.testing.assert_close_to_oracle(wrong, oracle, np.float32)
+    only_out = ea.testing.dense_oracle(q, k, v)
+    assert len(only_out.expected) == 1
