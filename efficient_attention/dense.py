@@ -98,7 +98,8 @@ class DenseAttention(AttentionCore):
     no allowed key outputs zeros and receives zero gradient. ``check_finite=True``
     rejects NaN and Inf in ``q, k, v`` (and in ``dout`` for ``backward``);
     with ``check_finite=False`` they propagate: a NaN in query ``i`` makes output
-    row ``i`` NaN, one in key or value ``j`` every row that may attend to ``j``.
+    row ``i`` NaN, one in key ``j`` every row that may attend to ``j``, one in value
+    ``j`` every row (``P·V`` multiplies it by the zeros of masked entries too).
 
     Examples
     --------

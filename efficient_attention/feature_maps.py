@@ -12,8 +12,8 @@ dot product of *features*,
 so that the sum over keys can be taken *before* the queries arrive. This
 module holds the feature maps ``φ``; each has ``forward(x) -> (phi, cache)``
 with ``x (..., N, D)`` and ``phi (..., N, F)``, ``backward(cache, dphi) -> dx``
-(both with the keyword ``check_finite=True``: NaN or Inf in ``x`` or ``dphi`` raise ``ValueError``),
-``n_features(d)`` (``F`` for inputs of width ``D``) and ``params`` (``{}``:
+(both with the keyword ``check_finite=True``: NaN or Inf in ``x`` or ``dphi``
+raise ``ValueError``), ``n_features(d)`` (``F`` for inputs of width ``D``) and ``params`` (``{}``:
 none of them learns).
 
 * ``EluFeatureMap``: ``φ(x) = elu(x) + 1``, ``F = D`` (Katharopoulos et al. 2020,

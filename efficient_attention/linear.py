@@ -72,8 +72,8 @@ from .feature_maps import (EluFeatureMap, FeatureMap, PerformerFeatureMap,
                            RandomFourierFeatureMap)
 from .kernels import linear as _kernels
 from .softmax import softmax, softmax_backward
-from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int,
-                       check_qkv, check_real)
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
+                       check_int, check_qkv, check_real)
 
 __all__ = ["LinearAttention", "LinearState", "EfficientAttention"]
 
@@ -320,8 +320,10 @@ class LinearAttention(AttentionCore):
             x = as_float_array(x, name)
             if x.ndim < 1:
                 raise ValueError(f"{name} must have shape (..., width) with at least 1 axis, got shape {x.shape}")
+            if check_finite:                                  # the index in the caller's array
+                check_finite_array(x, name)
             arrays.append(x[..., None, :])
-        q1, k1, v1 = check_qkv(*arrays, check_finite=check_finite, names=("q_t", "k_t", "v_t"))
+        q1, k1, v1 = check_qkv(*arrays, check_finite=False, names=("q_t", "k_t", "v_t"))
         phq, lq, _ = self._features(q1, "q_t", "row")
         phk, lk, _ = self._features(k1, "k_t", "bound")
         batch, f, dv, dtype = q1.shape[:-2], phq.shape[-1], v1.shape[-1], q1.dtype

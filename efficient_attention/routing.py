@@ -211,7 +211,7 @@ class RoutingAttention(AttentionCore):
     def pattern(self, q, k) -> sp.csr_array:
         """The effective pattern of one sequence, boolean CSR ``(N, M)``; the
         output equals ``DenseAttention(scale=self.scale)`` masked with it."""
-        q, k, _ = check_qkv(q, k, k)
+        q, k, _ = check_qkv(q, k, k, check_finite=False)
         if q.ndim != 2:
             raise ValueError(f"pattern takes one sequence: q (N, D) and k (M, D), got q {q.shape}, "
                              f"k {k.shape}")
