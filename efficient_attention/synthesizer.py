@@ -94,15 +94,15 @@ class _SynthCache(NamedTuple):
 
 # one cache type per synthesizer, so that backward recognises a cache of another one
 class _DenseSynthCache(_SynthCache):
-    pass
+    __slots__ = ()
 
 
 class _RandomSynthCache(_SynthCache):
-    pass
+    __slots__ = ()
 
 
 class _FactorizedSynthCache(_SynthCache):
-    pass
+    __slots__ = ()
 
 
 def _wide(a):
