@@ -107,16 +107,18 @@ class AttentionCore:
     """Base class of attention cores ``(q, k, v) -> out``.
 
     Subclasses implement ``forward``, ``backward`` and ``cost``; they hold
-    configuration only, the arrays of a call travel in the cache.
+    configuration only, the arrays of a call travel in the cache. ``forward``
+    and ``backward`` take the keyword ``check_finite=True`` (a layer that has
+    checked its own input calls its cores with ``check_finite=False``).
     """
 
     #: whether the core restricts query ``i`` to keys ``j <= i``
     causal: bool = False
 
-    def forward(self, q, k, v, **kwargs):  # pragma: no cover - abstract
+    def forward(self, q, k, v, *, check_finite: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, cache, dout) -> Grads:  # pragma: no cover - abstract
+    def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, q, k, v, **kwargs) -> np.ndarray:
@@ -161,10 +163,10 @@ class AttentionCore:
 class SequenceLayer:
     """Base class of sequence layers ``x -> y`` (shape ``(..., N, D)`` both)."""
 
-    def forward(self, x, **kwargs):  # pragma: no cover - abstract
+    def forward(self, x, *, check_finite: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, cache, dy) -> LayerGrads:  # pragma: no cover - abstract
+    def backward(self, cache, dy, *, check_finite: bool = True) -> LayerGrads:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, x, **kwargs) -> np.ndarray:

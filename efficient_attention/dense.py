@@ -35,7 +35,7 @@ import numpy as np
 
 from .core import AttentionCore, Cost, Grads
 from .softmax import probs_from_lse, softmax_lse
-from .validate import (check_bool, check_dout, check_mask, check_qkv, check_scale,
+from .validate import (check_bool, check_cache, check_dout, check_mask, check_qkv, check_scale,
                        resolve_scale)
 
 __all__ = ["DenseAttention", "causal_mask"]
@@ -91,11 +91,15 @@ class DenseAttention(AttentionCore):
 
     Notes
     -----
-    ``forward(q, k, v, mask=None, check_finite=False)`` with ``q (..., N, D)``,
+    ``forward(q, k, v, mask=None, *, check_finite=True)`` with ``q (..., N, D)``,
     ``k (..., M, D)``, ``v (..., M, Dv)``; ``mask`` is a boolean array
     broadcastable to ``(..., N, M)`` or a ``scipy.sparse`` ``(N, M)`` pattern
     (True = may attend; combined with ``causal`` by logical and). A query with
-    no allowed key outputs zeros and receives zero gradient.
+    no allowed key outputs zeros and receives zero gradient. ``check_finite=True``
+    rejects NaN and Inf in ``q, k, v`` (and in ``dout`` for ``backward``);
+    with ``check_finite=False`` they propagate: a NaN in query ``i`` makes output
+    row ``i`` NaN, one in key ``j`` every row that may attend to ``j``, one in value
+    ``j`` every row (``P·V`` multiplies it by the zeros of masked entries too).
 
     Examples
     --------
@@ -116,7 +120,7 @@ class DenseAttention(AttentionCore):
     def _config(self):
         return {"causal": self.causal, "scale": self.scale}
 
-    def forward(self, q, k, v, mask=None, *, check_finite: bool = False):
+    def forward(self, q, k, v, mask=None, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         n, m = q.shape[-2], k.shape[-2]
         mask = check_mask(mask, n, m, q.shape[:-2])
@@ -127,8 +131,9 @@ class DenseAttention(AttentionCore):
         scale = resolve_scale(self.scale, q.shape[-1])
         return _forward(q, k, v, mask, scale)
 
-    def backward(self, cache: _DenseCache, dout) -> Grads:
-        dout = check_dout(dout, cache.out.shape, cache.out.dtype)
+    def backward(self, cache: _DenseCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _DenseCache, "DenseAttention")
+        dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
         dq, dk, dv = _backward(cache, dout)
         return Grads(dq, dk, dv, {})
 

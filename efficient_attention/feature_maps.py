@@ -11,8 +11,9 @@ dot product of *features*,
 
 so that the sum over keys can be taken *before* the queries arrive. This
 module holds the feature maps ``φ``; each has ``forward(x) -> (phi, cache)``
-with ``x (..., N, D)`` and ``phi (..., N, F)``, ``backward(cache, dphi) -> dx``,
-``n_features(d)`` (``F`` for inputs of width ``D``) and ``params`` (``{}``:
+with ``x (..., N, D)`` and ``phi (..., N, F)``, ``backward(cache, dphi) -> dx``
+(both with the keyword ``check_finite=True``: NaN or Inf in ``x`` or ``dphi``
+raise ``ValueError``), ``n_features(d)`` (``F`` for inputs of width ``D``) and ``params`` (``{}``:
 none of them learns).
 
 * ``EluFeatureMap``: ``φ(x) = elu(x) + 1``, ``F = D`` (Katharopoulos et al. 2020,
@@ -64,7 +65,8 @@ import numpy as np
 from .kernels import elu as _elu
 from .kernels import favor as _favor
 from .kernels.fastexp import exp_
-from .validate import as_float_array, check_int, check_real
+from .validate import (as_float_array, check_cache, check_dout, check_finite_array, check_int,
+                       check_real)
 
 __all__ = ["FeatureMap", "EluFeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap"]
 
@@ -117,10 +119,10 @@ class FeatureMap:
         (elementwise work such as ``exp`` is not counted; 0 for elu + 1)."""
         return 0
 
-    def forward(self, x, *, check_finite: bool = False):  # pragma: no cover - abstract
+    def forward(self, x, *, check_finite: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, cache, dphi):  # pragma: no cover - abstract
+    def backward(self, cache, dphi, *, check_finite: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _backward_consuming(self, cache, dphi):
@@ -164,10 +166,17 @@ class EluFeatureMap(FeatureMap):
     def n_features(self, d):
         return int(d)
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = _check_x(x)
-        if check_finite and not np.isfinite(x).all():
-            raise ValueError("x must contain only finite values (check_finite=True)")
+        if check_finite:
+            check_finite_array(x, "x")
+        return self._phi(x)
+
+    def _stable(self, x, shift):
+        phi, cache = self._phi(_check_x(x))        # linear attention has checked its q and k
+        return phi, None, cache
+
+    def _phi(self, x):
         if _elu_kernel_path(x):                                       # one pass (kernels/elu.py)
             phi = np.empty(x.shape, np.float32)
             _elu.elu_plus_one(x.reshape(-1, x.shape[-1]), phi.reshape(-1, x.shape[-1]))
@@ -175,7 +184,9 @@ class EluFeatureMap(FeatureMap):
             phi = np.where(x > 0, x + 1, exp_(np.minimum(x, 0)))   # elu(x) + 1   (..., N, D)
         return phi, _EluCache(phi)
 
-    def backward(self, cache: _EluCache, dphi):
+    def backward(self, cache: _EluCache, dphi, *, check_finite: bool = True):
+        check_cache(cache, _EluCache, "EluFeatureMap")
+        dphi = check_dout(dphi, cache.phi.shape, None, "dphi", check_finite=check_finite)
         return self._backward(cache, dphi, False)
 
     def _backward_consuming(self, cache, dphi):
@@ -316,15 +327,15 @@ class PerformerFeatureMap(FeatureMap):
         m = self.omega.shape[0]
         return x.dtype.type((2 * m if self.kind == "hyperbolic" else m) ** -0.5)
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         """Exact features ``φ(x)`` ``(..., N, F)`` (no stabiliser)."""
         return self._forward(x, None, check_finite)[::2]
 
     def _forward(self, x, shift, check_finite=False):
         x = _check_x(x)
         self.check_width(x.shape[-1])
-        if check_finite and not np.isfinite(x).all():
-            raise ValueError("x must contain only finite values (check_finite=True)")
+        if check_finite:
+            check_finite_array(x, "x")
         if shift not in (None, "row", "shared", "bound"):
             raise ValueError(f"shift must be None, 'row', 'shared' or 'bound', got {shift!r}")
         if self._kernel_path(x):
@@ -395,9 +406,11 @@ class PerformerFeatureMap(FeatureMap):
     def _stable(self, x, shift):
         return self._forward(x, shift)
 
-    def backward(self, cache: _PerformerCache, dphi):
+    def backward(self, cache: _PerformerCache, dphi, *, check_finite: bool = True):
         """``dx = D^(-1/4)·(dh·ω − (Σ_r dh_r)·x′)`` with ``dh = dφ ⊙ φ`` (hyperbolic: the two
         halves of ``dh`` enter ``ω`` with opposite signs), by blocks of ``ROW_BLOCK`` rows."""
+        check_cache(cache, _PerformerCache, "PerformerFeatureMap")
+        dphi = check_dout(dphi, cache.phi.shape, None, "dphi", check_finite=check_finite)
         return self._backward(cache, dphi, False)
 
     def _backward_consuming(self, cache, dphi):
@@ -501,11 +514,20 @@ class RandomFourierFeatureMap(FeatureMap):
     def __repr__(self):
         return f"RandomFourierFeatureMap(omega=<{self.omega.shape[0]}x{self.omega.shape[1]}>)"
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = _check_x(x)
         self.check_width(x.shape[-1])
-        if check_finite and not np.isfinite(x).all():
-            raise ValueError("x must contain only finite values (check_finite=True)")
+        if check_finite:
+            check_finite_array(x, "x")
+        return self._phi(x)
+
+    def _stable(self, x, shift):
+        x = _check_x(x)                                # linear attention has checked its q and k
+        self.check_width(x.shape[-1])
+        phi, cache = self._phi(x)
+        return phi, None, cache
+
+    def _phi(self, x):
         omega = self.omega.astype(x.dtype, copy=False)
         floor = np.sqrt(np.finfo(x.dtype).tiny)
         norm = np.maximum(np.sqrt(np.einsum("...d,...d->...", x, x)), floor)   # ‖x‖      (..., N)
@@ -516,7 +538,13 @@ class RandomFourierFeatureMap(FeatureMap):
         phi = np.concatenate([s, c], axis=-1) * scale                          # (..., N, 2m)
         return phi, _RffCache(xhat, norm, s, c, omega)
 
-    def backward(self, cache: _RffCache, dphi):
+    def backward(self, cache: _RffCache, dphi, *, check_finite: bool = True):
+        check_cache(cache, _RffCache, "RandomFourierFeatureMap")
+        dphi = check_dout(dphi, cache.sin.shape[:-1] + (2 * cache.omega.shape[0],), None, "dphi",
+                          check_finite=check_finite)
+        return self._backward_consuming(cache, dphi)
+
+    def _backward_consuming(self, cache, dphi):          # reads dphi, never writes it
         xhat, norm, s, c, omega = cache
         m = omega.shape[0]
         scale = xhat.dtype.type(m ** -0.5)

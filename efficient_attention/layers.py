@@ -54,7 +54,7 @@ import numpy as np
 
 from .core import AttentionCore, Cost, LayerGrads, SequenceLayer
 from .dense import DenseAttention
-from .validate import as_float_array, check_dout, check_int, check_x
+from .validate import as_float_array, check_cache, check_dout, check_int, check_x
 
 __all__ = ["MultiHeadAttention", "longformer_heads", "bigbird_heads"]
 
@@ -139,8 +139,8 @@ class MultiHeadAttention(SequenceLayer):
 
     Notes
     -----
-    ``forward(x, check_finite=False)`` takes ``x (..., N, D)`` and returns
-    ``y (..., N, D)`` and a cache; ``backward(cache, dy)`` returns
+    ``forward(x, *, check_finite=True)`` takes ``x (..., N, D)`` and returns
+    ``y (..., N, D)`` and a cache; ``backward(cache, dy, *, check_finite=True)`` returns
     ``LayerGrads(dx, params)`` with gradients for ``w_q, w_k, w_v, w_o`` and
     every core parameter (``head{h}.{name}``). The computation runs in
     float32 only when ``x`` is float32; weights are cast to it and their
@@ -263,8 +263,8 @@ class MultiHeadAttention(SequenceLayer):
         return np.concatenate([self.w_q.reshape(d, -1), self.w_k.reshape(d, -1),
                                self.w_v.reshape(d, -1)], axis=1).astype(dtype, copy=False)
 
-    def forward(self, x, *, check_finite: bool = False):
-        x = check_x(x, d=self.d, check_finite=check_finite)
+    def forward(self, x, *, check_finite: bool = True):
+        x = check_x(x, d=self.d, check_finite=check_finite)            # the cores do not check again
         dtype = x.dtype
         h, hk = self.heads, self.heads * self.dk
         qkv = right_matmul(x, self._w_in(dtype))                   # [Q|K|V] = X [Wq|Wk|Wv]   (..., N, H(2Dk+Dv))
@@ -272,12 +272,13 @@ class MultiHeadAttention(SequenceLayer):
         k = _split_heads(qkv[..., hk:2 * hk], h)                   # (..., H, N, Dk)
         v = _split_heads(qkv[..., 2 * hk:], h)                     # (..., H, N, Dv)
         if self.batched:
-            o, cache = self.cores[0].forward(q, k, v)              # all heads at once   (..., H, N, Dv)
+            o, cache = self.cores[0].forward(q, k, v, check_finite=False)   # all heads (..., H, N, Dv)
             caches = (cache,)
         else:
             outs, caches = [], []
             for i, core in enumerate(self.cores):
-                o_i, c_i = core.forward(q[..., i, :, :], k[..., i, :, :], v[..., i, :, :])  # (..., N, Dv)
+                o_i, c_i = core.forward(q[..., i, :, :], k[..., i, :, :], v[..., i, :, :],
+                                        check_finite=False)                 # (..., N, Dv)
                 outs.append(o_i)
                 caches.append(c_i)
             o = np.stack(outs, axis=-3)                            # (..., H, N, Dv)
@@ -286,8 +287,9 @@ class MultiHeadAttention(SequenceLayer):
         y = right_matmul(o, self.w_o.reshape(-1, self.d).astype(dtype, copy=False))   # Y = Σ_h O_h Wo_h  (..., N, D)
         return y, _MHACache(x, o, caches, self.batched, y.shape, dtype)
 
-    def backward(self, cache: _MHACache, dy) -> LayerGrads:
-        dy = check_dout(dy, cache.y_shape, cache.dtype, name="dy")
+    def backward(self, cache: _MHACache, dy, *, check_finite: bool = True) -> LayerGrads:
+        check_cache(cache, _MHACache, "MultiHeadAttention")
+        dy = check_dout(dy, cache.y_shape, cache.dtype, name="dy", check_finite=check_finite)
         x, o, caches, batched, _, dtype = cache
         d, h = self.d, self.heads
         w_o = self.w_o.reshape(-1, d).astype(dtype, copy=False)   # (H·Dv, D)
@@ -296,13 +298,13 @@ class MultiHeadAttention(SequenceLayer):
         do = _split_heads(right_matmul(dy, w_o.T), h)              # dO = dY Woᵀ          (..., H, N, Dv)
         core_grads = {}
         if batched:
-            g = self.cores[0].backward(caches[0], do)
+            g = self.cores[0].backward(caches[0], do, check_finite=False)
             dq, dk, dv = g.dq, g.dk, g.dv                          # (..., H, N, Dk|Dv)
             core_grads[id(self.cores[0])] = g.params
         else:
             dqs, dks, dvs = [], [], []
             for i, (core, c_i) in enumerate(zip(self.cores, caches)):
-                g = core.backward(c_i, do[..., i, :, :])
+                g = core.backward(c_i, do[..., i, :, :], check_finite=False)
                 dqs.append(g.dq)
                 dks.append(g.dk)
                 dvs.append(g.dv)

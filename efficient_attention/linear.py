@@ -72,8 +72,8 @@ from .feature_maps import (EluFeatureMap, FeatureMap, PerformerFeatureMap,
                            RandomFourierFeatureMap)
 from .kernels import linear as _kernels
 from .softmax import softmax, softmax_backward
-from .validate import (as_float_array, check_bool, check_dout, check_int,
-                       check_qkv, check_real)
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
+                       check_int, check_qkv, check_real)
 
 __all__ = ["LinearAttention", "LinearState", "EfficientAttention"]
 
@@ -263,7 +263,7 @@ class LinearAttention(AttentionCore):
                              f"got {phi.shape}")
         return phi.astype(x.dtype, copy=False), log_scale, cache
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         n, m = q.shape[-2], k.shape[-2]
         phq, lq, cq = self._features(q, "q", "row")
@@ -282,8 +282,9 @@ class LinearAttention(AttentionCore):
     def _method(self):
         return "scan" if self.method == "auto" else self.method
 
-    def backward(self, cache: _LinearCache, dout) -> Grads:
-        dout = check_dout(dout, cache.out.shape, cache.out.dtype)
+    def backward(self, cache: _LinearCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _LinearCache, "LinearAttention")
+        dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
         if self.causal:
             dphq, dphk, dv = _backward_causal(cache.phq, cache.phk, cache.v, cache.out, cache.den,
                                               dout, self._method(), cache.states)
@@ -302,13 +303,14 @@ class LinearAttention(AttentionCore):
         return Grads(dq, dk, dv, {})
 
     # ------------------------------------------------------------------ the RNN view
-    def step(self, state, q_t, k_t, v_t, *, check_finite: bool = False):
+    def step(self, state, q_t, k_t, v_t, *, check_finite: bool = True):
         r"""Decode one token: ``(out_t, state)`` with ``out_t (..., Dv)``.
 
         ``q_t, k_t (..., D)``, ``v_t (..., Dv)``; ``state=None`` starts a
         sequence. Equals row ``t`` of the causal forward on the first ``t + 1``
         tokens (``S_t = S_{t-1} + φ(k_t)v_tᵀ``, ``z_t = z_{t-1} + φ(k_t)``,
         ``o_t = S_tᵀφ(q_t)/(φ(q_t)ᵀz_t + ε)``); costs ``O(F·Dv)`` whatever ``t``.
+        ``check_finite=True`` rejects NaN and Inf in ``q_t, k_t, v_t``.
         """
         if not self.causal:
             raise ValueError("step needs a causal LinearAttention (causal=True): a non-causal "
@@ -318,8 +320,10 @@ class LinearAttention(AttentionCore):
             x = as_float_array(x, name)
             if x.ndim < 1:
                 raise ValueError(f"{name} must have shape (..., width) with at least 1 axis, got shape {x.shape}")
+            if check_finite:                                  # the index in the caller's array
+                check_finite_array(x, name)
             arrays.append(x[..., None, :])
-        q1, k1, v1 = check_qkv(*arrays, check_finite=check_finite, names=("q_t", "k_t", "v_t"))
+        q1, k1, v1 = check_qkv(*arrays, check_finite=False, names=("q_t", "k_t", "v_t"))
         phq, lq, _ = self._features(q1, "q_t", "row")
         phk, lk, _ = self._features(k1, "k_t", "bound")
         batch, f, dv, dtype = q1.shape[:-2], phq.shape[-1], v1.shape[-1], q1.dtype
@@ -389,7 +393,7 @@ class EfficientAttention(AttentionCore):
     ``dV = ρ_k dctx``, then the two softmax backwards.
     """
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         rq = softmax(q)                                             # over features     (..., N, D)
         rk = np.swapaxes(softmax(np.swapaxes(k, -1, -2)), -1, -2)   # over the sequence (..., M, D)
@@ -397,8 +401,9 @@ class EfficientAttention(AttentionCore):
         out = rq @ ctx                                              # (..., N, Dv)
         return out, _EfficientCache(rq, rk, v, ctx, out)
 
-    def backward(self, cache: _EfficientCache, dout) -> Grads:
-        dout = check_dout(dout, cache.out.shape, cache.out.dtype)
+    def backward(self, cache: _EfficientCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _EfficientCache, "EfficientAttention")
+        dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
         rq, rk, v, ctx, _ = cache
         drq = dout @ np.swapaxes(ctx, -1, -2)                       # dρ_q = dO ctxᵀ    (..., N, D)
         dctx = np.swapaxes(rq, -1, -2) @ dout                       # dctx = ρ_qᵀ dO    (..., D, Dv)

@@ -89,7 +89,8 @@ import numpy as np
 
 from .core import AttentionCore, Cost, Grads
 from .kernels import band
-from .validate import check_bool, check_dout, check_int, check_qkv, check_scale, resolve_scale
+from .validate import (check_bool, check_cache, check_dout, check_int, check_qkv, check_scale,
+                       resolve_scale)
 
 __all__ = ["LocalAttention", "StridedAttention", "local_mask", "strided_mask", "band_pairs"]
 
@@ -210,8 +211,9 @@ def _band_forward(q, k, v, out, lse, window, causal, scale, query_block, key_blo
                 np.exp(scores, out=scores)                      # e^(S - m), 0 off the band
                 row_sum = scores.sum(axis=-1, keepdims=True)    # l = Σ e^(S - m) >= 1
             np.matmul(scores, v[:, lo:hi], out=out[:, s:e])     # e^(S-m) V        (G, b, Dv)
-            out[:, s:e] /= row_sum
-            lse[:, s:e] = (row_max + np.log(row_sum))[..., 0]   # ℓ = m + log l
+            with np.errstate(divide="ignore", invalid="ignore"):  # l >= 1 unless a row holds NaN
+                out[:, s:e] /= row_sum                          # (check_finite=False): NaN out
+                lse[:, s:e] = (row_max + np.log(row_sum))[..., 0]   # ℓ = m + log l
             continue
         # online softmax over key chunks: running max m, sum l and unnormalised output acc
         m_run = np.full(qs.shape[:2] + (1,), -np.inf, q.dtype)
@@ -425,7 +427,8 @@ def _check_same_length(q, k):
 
 
 class _BandedAttention(AttentionCore):
-    """Shared forward/backward plumbing of the banded cores."""
+    """Shared forward/backward plumbing of the banded cores (each public class defines its own
+    ``forward`` and ``backward`` on top, so that errors name the public class)."""
 
     query_block = QUERY_BLOCK
     key_block = KEY_BLOCK
@@ -438,7 +441,7 @@ class _BandedAttention(AttentionCore):
     def _stride(self) -> int:
         return 1
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def _banded_forward(self, q, k, v, check_finite):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         _check_same_length(q, k)
         n = q.shape[-2]
@@ -447,8 +450,9 @@ class _BandedAttention(AttentionCore):
                         self.query_block, self.key_block,
                         _threads(THREADS if self.threads is None else self.threads))
 
-    def backward(self, cache: _BandCache, dout) -> Grads:
-        dout = check_dout(dout, cache.out_shape, cache.q[0].dtype)
+    def _banded_backward(self, cache, dout, check_finite):
+        check_cache(cache, _BandCache, type(self).__name__)
+        dout = check_dout(dout, cache.out_shape, cache.q[0].dtype, check_finite=check_finite)
         dq, dk, dv = _backward(cache, dout)
         return Grads(dq, dk, dv, {})
 
@@ -484,8 +488,9 @@ class LocalAttention(_BandedAttention):
 
     Notes
     -----
-    ``forward(q, k, v, check_finite=False)`` with ``q, k (..., N, D)``, ``v (..., N, Dv)``
-    (``M == N``). Equals ``DenseAttention(scale=scale)`` with ``local_mask(N, window, causal)``.
+    ``forward(q, k, v, *, check_finite=True)`` with ``q, k (..., N, D)``, ``v (..., N, Dv)``
+    (``M == N``); ``check_finite=True`` rejects NaN and Inf. Equals
+    ``DenseAttention(scale=scale)`` with ``local_mask(N, window, causal)``.
     Every query sees at least itself, so no row is ever empty. Time ``O(N·w·(D+Dv))``,
     memory ``O(N·(D+Dv))`` in forward and backward (the module docstring has the details).
 
@@ -508,6 +513,14 @@ class LocalAttention(_BandedAttention):
 
     def _config(self):
         return {"window": self.window, "causal": self.causal, "scale": self.scale}
+
+    def forward(self, q, k, v, *, check_finite: bool = True):
+        """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
+        return self._banded_forward(q, k, v, check_finite)
+
+    def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
+        """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
+        return self._banded_backward(cache, dout, check_finite)
 
     def _sub_window(self, n):
         return min(self.window, max(n - 1, 0))
@@ -554,6 +567,14 @@ class StridedAttention(_BandedAttention):
 
     def _config(self):
         return {"stride": self.stride, "window": self.window, "causal": self.causal, "scale": self.scale}
+
+    def forward(self, q, k, v, *, check_finite: bool = True):
+        """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
+        return self._banded_forward(q, k, v, check_finite)
+
+    def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
+        """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
+        return self._banded_backward(cache, dout, check_finite)
 
     def _stride(self):
         return self.stride

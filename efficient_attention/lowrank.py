@@ -66,8 +66,8 @@ from .core import AttentionCore, Cost, Grads
 from .dense import _DenseCache
 from .dense import _backward as _dense_backward
 from .dense import _forward as _dense_forward
-from .validate import (as_float_array, check_bool, check_dout, check_int, check_qkv, check_scale,
-                       resolve_scale)
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
+                       check_scale, resolve_scale)
 
 __all__ = ["LinformerAttention", "CompressedAttention", "compress", "compress_backward", "n_compressed",
            "visible_counts"]
@@ -323,7 +323,7 @@ class LinformerAttention(AttentionCore):
     def _config(self):
         return {"e": self.e.shape, "f": None if self.f is None else self.f.shape, "scale": self.scale}
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         m = k.shape[-2]
         for name, p in self.params.items():
@@ -334,8 +334,9 @@ class LinformerAttention(AttentionCore):
         f = None if self.f is None else self.f.astype(q.dtype, copy=False)
         return _linformer_forward(q, k, v, e, f, resolve_scale(self.scale, q.shape[-1]))
 
-    def backward(self, cache: _LinformerCache, dout) -> Grads:
-        dout = check_dout(dout, cache.attend.out.shape, cache.attend.out.dtype)
+    def backward(self, cache: _LinformerCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _LinformerCache, "LinformerAttention")
+        dout = check_dout(dout, cache.attend.out.shape, cache.attend.out.dtype, check_finite=check_finite)
         dq, dk, dv, de, df = _linformer_backward(cache, dout)
         if self.f is None:
             return Grads(dq, dk, dv, {"e": (de + df).astype(self.e.dtype, copy=False)})
@@ -559,7 +560,7 @@ class CompressedAttention(AttentionCore):
         return {"w_k": self.w_k.shape, "w_v": self.w_v.shape, "stride": self.stride,
                 "causal": self.causal, "scale": self.scale}
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         d, dv, m = k.shape[-1], v.shape[-1], k.shape[-2]
         if self.w_k.shape[1] != d:
@@ -576,8 +577,9 @@ class CompressedAttention(AttentionCore):
         return _compressed_forward(q, k, v, w_k, w_v, self.step,
                                    resolve_scale(self.scale, q.shape[-1]), self.causal)
 
-    def backward(self, cache: _CompressedCache, dout) -> Grads:
-        dout = check_dout(dout, cache.attend.out.shape, cache.attend.out.dtype)
+    def backward(self, cache: _CompressedCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _CompressedCache, "CompressedAttention")
+        dout = check_dout(dout, cache.attend.out.shape, cache.attend.out.dtype, check_finite=check_finite)
         dq, dk, dv, dw_k, dw_v = _compressed_backward(cache, dout)
         return Grads(dq, dk, dv, {"w_k": dw_k.astype(self.w_k.dtype, copy=False),
                                   "w_v": dw_v.astype(self.w_v.dtype, copy=False)})

@@ -89,8 +89,8 @@ import scipy.sparse as sp
 
 from .core import AttentionCore, Cost, Grads
 from .kernels import lsh as _k
-from .validate import (as_float_array, check_bool, check_dout, check_int, check_qkv, check_scale,
-                       resolve_scale)
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
+                       check_scale, resolve_scale)
 
 __all__ = ["LSHAttention", "hash_buckets", "chapter_figures"]
 
@@ -297,8 +297,14 @@ class LSHAttention(AttentionCore):
         return pat
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, q, k=None, v=None, *, check_finite: bool = False):
-        """``out (..., N, Dv)`` and the cache; ``k`` must be None for shared QK."""
+    def forward(self, q, k=None, v=None, *, check_finite: bool = True):
+        """``out (..., N, Dv)`` and the cache; ``k`` must be None for shared QK
+        (``forward(q, None, v)`` or ``forward(q, v=v)``)."""
+        if v is None and self.shared_qk and k is not None:      # lsh(q, v): v landed in k
+            raise ValueError("k must be None when shared_qk=True (the keys are the unit-normalised "
+                             f"queries), got an array of type {type(k).__name__} and v=None; the "
+                             "second positional argument is k, not v: pass v= by keyword, "
+                             "core(q, v=v), or call core(q, None, v)")
         if v is None:
             raise ValueError("v must be given (an array (..., M, Dv)), got None")
         q, k, v = self._check(q, k, v, check_finite)
@@ -325,8 +331,10 @@ class LSHAttention(AttentionCore):
     def __call__(self, q, k=None, v=None, **kwargs):
         return self.forward(q, k, v, **kwargs)[0]
 
-    def backward(self, cache: _LSHCache, dout) -> Grads:
-        dout = check_dout(dout, cache.batch + cache.out.shape[-2:], cache.out.dtype)
+    def backward(self, cache: _LSHCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _LSHCache, "LSHAttention")
+        dout = check_dout(dout, cache.batch + cache.out.shape[-2:], cache.out.dtype,
+                          check_finite=check_finite)
         dout3 = np.ascontiguousarray(dout.reshape(cache.out.shape))
         dq, dk, dv = _k.bucket_backward(cache.q, cache.k, cache.v, dout3, cache.out, cache.lse,
                                         cache.layout, causal=self.causal, shared=self.shared_qk,

@@ -74,7 +74,7 @@ from scipy.special import erf
 
 from .core import Cost, LayerGrads, SequenceLayer
 from .layers import left_matmul, right_matmul
-from .validate import as_float_array, check_bool, check_dout, check_int, check_real, check_x
+from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_real, check_x
 
 __all__ = ["FourierMixer", "TokenMixingMLP", "SpatialGatingUnit", "GatedMLP", "gelu", "gelu_backward"]
 
@@ -133,12 +133,17 @@ def _re_fft2(x: np.ndarray) -> np.ndarray:
     return y
 
 
+class _FourierCache(NamedTuple):
+    shape: tuple         # of x (..., N, D)
+    dtype: np.dtype
+
+
 class FourierMixer(SequenceLayer):
     r"""FNet: ``y = Re(fft2(x))`` over the sequence and hidden axes (no parameters, any N).
 
     Notes
     -----
-    ``forward(x, check_finite=False)``; ``backward(cache, dy)`` returns
+    ``forward(x, *, check_finite=True)``; ``backward(cache, dy, *, check_finite=True)`` returns
     ``dx = Re(fft2(dy))`` (the map is self-adjoint, see the module docstring).
     """
 
@@ -157,15 +162,15 @@ class FourierMixer(SequenceLayer):
             raise TypeError(f"FourierMixer.init takes no options, got {sorted(_unused)}")
         return cls()
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, check_finite=check_finite)
         if 0 in x.shape[-2:]:
             raise ValueError(f"x must have N >= 1 tokens and D >= 1 channels for the DFT, got shape {x.shape}")
-        return _re_fft2(x), (x.shape, x.dtype)
+        return _re_fft2(x), _FourierCache(x.shape, x.dtype)
 
-    def backward(self, cache, dy) -> LayerGrads:
-        shape, dtype = cache
-        dy = check_dout(dy, shape, dtype, name="dy")
+    def backward(self, cache: _FourierCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        shape, dtype = check_cache(cache, _FourierCache, "FourierMixer")
+        dy = check_dout(dy, shape, dtype, name="dy", check_finite=check_finite)
         return LayerGrads(_re_fft2(dy), {})                         # dX = Re(F_N dY F_D)
 
     def cost(self, n, d, *, backward=False):
@@ -224,16 +229,16 @@ class TokenMixingMLP(SequenceLayer):
         dtype = np.dtype(dtype)
         return cls(w1.astype(dtype), np.zeros(dh, dtype), w2.astype(dtype), np.zeros(n, dtype))
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, n=self.n, check_finite=check_finite)
         w1, b1, w2, b2 = (p.astype(x.dtype, copy=False) for p in self.params.values())
         pre = left_matmul(w1.T, x) + b1[:, None]                              # A = W1ᵀ X + b1      (..., Dh, D)
         y = left_matmul(w2.T, gelu(pre)) + b2[:, None]                        # Y = W2ᵀ gelu(A) + b2 (..., N, D)
         return y, _MixerCache(x, pre)
 
-    def backward(self, cache: _MixerCache, dy) -> LayerGrads:
-        x, pre = cache
-        dy = check_dout(dy, x.shape, x.dtype, name="dy")
+    def backward(self, cache: _MixerCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        x, pre = check_cache(cache, _MixerCache, "TokenMixingMLP")
+        dy = check_dout(dy, x.shape, x.dtype, name="dy", check_finite=check_finite)
         w1, _, w2, _ = (p.astype(x.dtype, copy=False) for p in self.params.values())
         db2 = dy.reshape(-1, *dy.shape[-2:]).sum(axis=(0, 2))      # db2 = Σ dY          (N,)
         dw2 = _batch_dot(gelu(pre), dy)                             # dW2 = Σ H dYᵀ       (Dh, N)
@@ -319,7 +324,7 @@ class SpatialGatingUnit(SequenceLayer):
         w = self.w.astype(dtype, copy=False)
         return np.tril(w) if self.causal else w
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, n=self.n, check_finite=check_finite)
         d = x.shape[-1]
         if d % 2:
@@ -332,9 +337,9 @@ class SpatialGatingUnit(SequenceLayer):
         gate = left_matmul(self._w(x.dtype), zn) + self.b.astype(x.dtype, copy=False)[:, None]  # G = W LN(Z) + b
         return u * gate, _SGUCache(u, zn, inv, gate, x.shape, x.dtype)   # Y = U ⊙ G   (..., N, F)
 
-    def backward(self, cache: _SGUCache, dy) -> LayerGrads:
-        u, zn, inv, gate, x_shape, dtype = cache
-        dy = check_dout(dy, u.shape, dtype, name="dy")
+    def backward(self, cache: _SGUCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        u, zn, inv, gate, x_shape, dtype = check_cache(cache, _SGUCache, "SpatialGatingUnit")
+        dy = check_dout(dy, u.shape, dtype, name="dy", check_finite=check_finite)
         du = dy * gate                                              # dU = dY ⊙ G
         dgate = dy * u                                              # dG = dY ⊙ U           (..., N, F)
         db = dgate.reshape(-1, *dgate.shape[-2:]).sum(axis=(0, 2))  # db = Σ dG             (N,)
@@ -423,21 +428,22 @@ class GatedMLP(SequenceLayer):
         return cls(w_in.astype(dtype), np.zeros(2 * f, dtype), sgu.w.astype(dtype), sgu.b.astype(dtype),
                    w_out.astype(dtype), np.zeros(d, dtype), causal=causal, eps=eps)
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, d=self.d, n=self.n, check_finite=check_finite)
         dt = x.dtype
         pre = right_matmul(x, self.w_in.astype(dt, copy=False)) + self.b_in.astype(dt, copy=False)   # A (..., N, 2F)
-        s, sgu_cache = self.sgu.forward(gelu(pre))                  # S = SGU(gelu(A))      (..., N, F)
+        s, sgu_cache = self.sgu.forward(gelu(pre), check_finite=False)   # S = SGU(gelu(A))  (..., N, F)
         y = right_matmul(s, self.w_out.astype(dt, copy=False)) + self.b_out.astype(dt, copy=False)   # Y (..., N, D)
         return y, _GatedCache(x, pre, s, sgu_cache)
 
-    def backward(self, cache: _GatedCache, dy) -> LayerGrads:
-        x, pre, s, sgu_cache = cache
-        dy = check_dout(dy, x.shape, x.dtype, name="dy")
+    def backward(self, cache: _GatedCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        x, pre, s, sgu_cache = check_cache(cache, _GatedCache, "GatedMLP")
+        dy = check_dout(dy, x.shape, x.dtype, name="dy", check_finite=check_finite)
         dt = x.dtype
         db_out = dy.reshape(-1, self.d).sum(axis=0)                 # db_out = Σ dY        (D,)
         dw_out = s.reshape(-1, self.f).T @ dy.reshape(-1, self.d)   # dW_out = Sᵀ dY       (F, D)
-        g = self.sgu.backward(sgu_cache, right_matmul(dy, self.w_out.astype(dt, copy=False).T))   # dS = dY W_outᵀ
+        g = self.sgu.backward(sgu_cache, right_matmul(dy, self.w_out.astype(dt, copy=False).T),
+                              check_finite=False)                   # dS = dY W_outᵀ
         dpre = gelu_backward(pre, g.dx)                             # dA = dH ⊙ gelu'(A)   (..., N, 2F)
         db_in = dpre.reshape(-1, 2 * self.f).sum(axis=0)            # db_in = Σ dA         (2F,)
         dw_in = x.reshape(-1, self.d).T @ dpre.reshape(-1, 2 * self.f)   # dW_in = Xᵀ dA   (D, 2F)

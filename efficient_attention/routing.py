@@ -48,8 +48,8 @@ import scipy.sparse as sp
 
 from .core import AttentionCore, Cost, Grads
 from .kernels import lsh as _k
-from .validate import (as_float_array, check_bool, check_dout, check_int, check_qkv, check_real,
-                       check_scale, resolve_scale)
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
+                       check_real, check_scale, resolve_scale)
 
 __all__ = ["RoutingAttention", "kmeans_update"]
 
@@ -211,7 +211,7 @@ class RoutingAttention(AttentionCore):
     def pattern(self, q, k) -> sp.csr_array:
         """The effective pattern of one sequence, boolean CSR ``(N, M)``; the
         output equals ``DenseAttention(scale=self.scale)`` masked with it."""
-        q, k, _ = check_qkv(q, k, k)
+        q, k, _ = check_qkv(q, k, k, check_finite=False)
         if q.ndim != 2:
             raise ValueError(f"pattern takes one sequence: q (N, D) and k (M, D), got q {q.shape}, "
                              f"k {k.shape}")
@@ -233,7 +233,7 @@ class RoutingAttention(AttentionCore):
         return pat
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         _check_centroids(self.centroids, q.shape[-1])
         batch = q.shape[:-2]
@@ -248,8 +248,10 @@ class RoutingAttention(AttentionCore):
         cache = _RoutingCache(q3, k3, v3, out, lse, route, batch, scale)
         return out.reshape(batch + out.shape[-2:]), cache
 
-    def backward(self, cache: _RoutingCache, dout) -> Grads:
-        dout = check_dout(dout, cache.batch + cache.out.shape[-2:], cache.out.dtype)
+    def backward(self, cache: _RoutingCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _RoutingCache, "RoutingAttention")
+        dout = check_dout(dout, cache.batch + cache.out.shape[-2:], cache.out.dtype,
+                          check_finite=check_finite)
         dout3 = np.ascontiguousarray(dout.reshape(cache.out.shape))
         if self.top_k is None:
             dq, dk, dv = _k.bucket_backward(cache.q, cache.k, cache.v, dout3, cache.out, cache.lse,

@@ -124,8 +124,8 @@ from .core import AttentionCore, Cost, Grads
 from .dense import _backward as _attention_backward
 from .dense import _forward as _attention_forward
 from .softmax import logsumexp
-from .validate import (as_float_array, check_bool, check_dout, check_int, check_qkv, check_real,
-                       check_scale, resolve_scale)
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
+                       check_int, check_qkv, check_real, check_scale, resolve_scale)
 
 __all__ = ["SinkhornAttention", "sinkhorn", "sinkhorn_backward", "block_mask", "PartnerTask",
            "partner_task", "train_partner_task", "plot_sort_matrix"]
@@ -155,7 +155,8 @@ def sinkhorn(log_r: np.ndarray, n_iters: int, causal: bool = False):
         log_p = log_p - r[..., :, None]                        # L ← L − lse_row(L)
         norms.append(r)
         if causal:
-            c = np.logaddexp.accumulate(log_p, axis=-2)        # C[c,c'] = lse_{c''<=c} L[c'',c']
+            with np.errstate(invalid="ignore"):                # NaN logits (check_finite=False) stay NaN
+                c = np.logaddexp.accumulate(log_p, axis=-2)    # C[c,c'] = lse_{c''<=c} L[c'',c']
             log_p = log_p - np.where(np.isneginf(c), 0, c)     # L ← L − C        (..., n_b, n_b)
         else:
             c = logsumexp(np.swapaxes(log_p, -1, -2))          # column lse       (..., n_b)
@@ -532,19 +533,19 @@ class SinkhornAttention(AttentionCore):
         log_r = _log_logits(s, w, self.temperature, self.causal, self._noise(k.shape[:-2], k.dtype))
         return _sinkhorn_fast(log_r, self.n_iters, self.causal)[0]
 
-    def sort_matrix(self, k, *, check_finite: bool = False) -> np.ndarray:
+    def sort_matrix(self, k, *, check_finite: bool = True) -> np.ndarray:
         """The soft permutation ``P`` for keys ``k``: ``(N, D) -> (n_b, n_b)``,
-        ``(..., N, D) -> (..., n_b, n_b)`` (with this core's noise, if any)."""
+        ``(..., N, D) -> (..., n_b, n_b)`` (with this core's noise, if any); ``check_finite``
+        rejects NaN and Inf in ``k``."""
         k = as_float_array(k, "k")
         if k.ndim < 2:
             raise ValueError(f"k must have shape (..., N, D) with at least 2 axes, got shape {k.shape}")
         if check_finite:
-            from .validate import check_finite_array
             check_finite_array(k, "k")
         self._check_k(k)
         return np.exp(self._log_p(k))
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         if k.shape[-2] != q.shape[-2]:
             raise ValueError(f"k must have as many positions as q (self-attention over blocks, M = N), "
@@ -556,9 +557,10 @@ class SinkhornAttention(AttentionCore):
                               self.sortcut, self._noise(q.shape[:-2], q.dtype), scale)
         return out, cache._replace(w_dtype=self.w_sort.dtype)
 
-    def backward(self, cache: _SinkhornCache, dout) -> Grads:
+    def backward(self, cache: _SinkhornCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _SinkhornCache, "SinkhornAttention")
         out_shape = cache.q_shape[:-1] + (cache.v_shape[-1],)
-        dout = check_dout(dout, out_shape, cache.w.dtype)
+        dout = check_dout(dout, out_shape, cache.w.dtype, check_finite=check_finite)
         dq, dk, dv, dw = _backward(cache, dout)
         return Grads(dq, dk, dv, {"w_sort": dw.astype(cache.w_dtype, copy=False)})
 

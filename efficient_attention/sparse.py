@@ -53,8 +53,8 @@ from . import patterns as _patterns
 from .core import AttentionCore, Cost, Grads
 from .dense import DenseAttention
 from .kernels import sparse as _k
-from .validate import (as_float_array, check_csr, check_dout, check_int, check_qkv, check_scale,
-                       resolve_scale)
+from .validate import (as_float_array, check_cache, check_csr, check_dout, check_int, check_qkv,
+                       check_scale, resolve_scale)
 
 __all__ = ["SparseAttention", "GlobalAttention"]
 
@@ -181,7 +181,7 @@ class SparseAttention(AttentionCore):
         return {"pattern": f"<{'per-head ' if self.per_head else ''}pattern {shape}, nnz {sum(self._index.nnz)}>",
                 "scale": self.scale}
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         if (q.shape[-2], k.shape[-2]) != (self.n, self.m):
             raise ValueError(f"pattern has shape (N, M) = ({self.n}, {self.m}) but q, k give "
@@ -191,8 +191,9 @@ class SparseAttention(AttentionCore):
                              f"head), got q {q.shape}")
         return _forward(q, k, v, self._index, resolve_scale(self.scale, q.shape[-1]))
 
-    def backward(self, cache: _SparseCache, dout) -> Grads:
-        dout = check_dout(dout, cache.out.shape, cache.out.dtype)
+    def backward(self, cache: _SparseCache, dout, *, check_finite: bool = True) -> Grads:
+        check_cache(cache, _SparseCache, "SparseAttention")
+        dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
         return Grads(*_backward(cache, dout, self._index), {})
 
     def dense_mask(self, n, m=None):
@@ -324,7 +325,7 @@ class GlobalAttention(AttentionCore):
     def _dense(self, q):
         return DenseAttention(scale=resolve_scale(self.scale, q.shape[-1]))
 
-    def forward(self, q, k, v, *, check_finite: bool = False):
+    def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = self._check(q, k, v, check_finite)
         n, g = q.shape[-2], self.indices
         xq, xk, xv = self._extra(q, k, v)
@@ -337,29 +338,31 @@ class GlobalAttention(AttentionCore):
         # rows not in G: keys [extra; G]                                      (..., N-g, E+g)
         keys_g = (np.concatenate([xk, k[..., g, :]], -2), np.concatenate([xv, v[..., g, :]], -2))
         if rest.size and keys_g[0].shape[-2]:
-            o, c = dense.forward(np.ascontiguousarray(q[..., rest, :]), *keys_g)
+            o, c = dense.forward(np.ascontiguousarray(q[..., rest, :]), *keys_g, check_finite=False)
             out[..., rest, :] = o
             parts.append(("rest", rest, c))
         # rows in G: keys [extra; all N]                                      (..., g, E+N)
         if g.size:
             o, c = dense.forward(np.ascontiguousarray(q[..., g, :]), np.concatenate([xk, k], -2),
-                                 np.concatenate([xv, v], -2))
+                                 np.concatenate([xv, v], -2), check_finite=False)
             out[..., g, :] = o
             parts.append(("global", g, c))
         return out, _GlobalCache(tuple(parts), (q.shape, k.shape, v.shape), out.shape, q.dtype)
 
-    def forward_extra(self, q, k, v, *, check_finite: bool = False):
+    def forward_extra(self, q, k, v, *, check_finite: bool = True):
         """The added tokens' outputs ``(..., E, Dv)`` (they attend to all ``E + N`` keys) and a cache
         for :meth:`backward_extra`."""
         if not self.n_extra:
             raise ValueError("forward_extra needs added tokens: n_extra must be > 0, got 0")
         q, k, v = self._check(q, k, v, check_finite)
         xq, xk, xv = self._extra(q, k, v)
-        o, c = self._dense(q).forward(xq, np.concatenate([xk, k], -2), np.concatenate([xv, v], -2))
+        o, c = self._dense(q).forward(xq, np.concatenate([xk, k], -2), np.concatenate([xv, v], -2),
+                                      check_finite=False)
         return o, _GlobalCache((("extra", None, c),), (q.shape, k.shape, v.shape), o.shape, q.dtype)
 
-    def _backward(self, cache: _GlobalCache, dout) -> Grads:
-        dout = check_dout(dout, cache.out_shape, cache.dtype)
+    def _backward(self, cache: _GlobalCache, dout, name: str, check_finite: bool) -> Grads:
+        check_cache(cache, _GlobalCache, "GlobalAttention")
+        dout = check_dout(dout, cache.out_shape, cache.dtype, name, check_finite=check_finite)
         (qs, ks, vs), e = cache.shapes, self.n_extra
         dq, dk, dv = np.zeros(qs, cache.dtype), np.zeros(ks, cache.dtype), np.zeros(vs, cache.dtype)
         dxq = np.zeros(qs[:-2] + (e, qs[-1]), cache.dtype)
@@ -368,10 +371,10 @@ class GlobalAttention(AttentionCore):
         dense = DenseAttention()
         for kind, rows, c in cache.parts:
             if kind == "extra":
-                g = dense.backward(c, dout)
+                g = dense.backward(c, dout, check_finite=False)
                 dxq += g.dq
             else:
-                g = dense.backward(c, dout[..., rows, :])
+                g = dense.backward(c, dout[..., rows, :], check_finite=False)
                 dq[..., rows, :] = g.dq
             dxk += g.dk[..., :e, :]
             dxv += g.dv[..., :e, :]
@@ -388,12 +391,12 @@ class GlobalAttention(AttentionCore):
                 params[name] = grad.reshape((-1,) + p.shape).sum(0).astype(p.dtype, copy=False)
         return Grads(dq, dk, dv, params)
 
-    def backward(self, cache: _GlobalCache, dout) -> Grads:
-        return self._backward(cache, dout)
+    def backward(self, cache: _GlobalCache, dout, *, check_finite: bool = True) -> Grads:
+        return self._backward(cache, dout, "dout", check_finite)
 
-    def backward_extra(self, cache: _GlobalCache, dout_extra) -> Grads:
+    def backward_extra(self, cache: _GlobalCache, dout_extra, *, check_finite: bool = True) -> Grads:
         """Gradients of ``sum(forward_extra(q, k, v)[0] * dout_extra)`` (``extra_q`` included)."""
-        return self._backward(cache, dout_extra)
+        return self._backward(cache, dout_extra, "dout_extra", check_finite)
 
     def extended_mask(self, n: int) -> np.ndarray:
         """The ``(E+N, E+N)`` mask of the extended sequence ``[extra; original]``: the oracle of
@@ -414,10 +417,10 @@ class GlobalAttention(AttentionCore):
         xq, xk, xv = (np.asarray(a, np.float64) for a in self._extra(q, k, v))
         qe, ke, ve = (np.concatenate([x, np.asarray(a, np.float64)], -2) for x, a in ((xq, q), (xk, k), (xv, v)))
         dense = self._dense(q)
-        out, cache = dense.forward(qe, ke, ve, mask=self.extended_mask(q.shape[-2]))
+        out, cache = dense.forward(qe, ke, ve, mask=self.extended_mask(q.shape[-2]), check_finite=False)
         g_ext = np.zeros(out.shape)
         g_ext[..., e:, :] = dout
-        g = dense.backward(cache, g_ext)
+        g = dense.backward(cache, g_ext, check_finite=False)
         return out[..., e:, :], g.dq[..., e:, :], g.dk[..., e:, :], g.dv[..., e:, :]
 
     def dense_mask(self, n, m=None):

@@ -59,7 +59,7 @@ from .core import Cost, LayerGrads, SequenceLayer
 from .dense import causal_mask
 from .layers import left_matmul, right_matmul
 from .softmax import softmax_backward, softmax_lse
-from .validate import as_float_array, check_bool, check_dout, check_int, check_x
+from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_x
 
 __all__ = ["DenseSynthesizer", "RandomSynthesizer", "FactorizedRandomSynthesizer"]
 
@@ -90,6 +90,19 @@ class _SynthCache(NamedTuple):
     vals: np.ndarray       # V = X W_v                 (..., N, D)
     probs: np.ndarray      # P = softmax(B + mask)     (..., N, N) or (N, N)
     hidden: np.ndarray | None   # dense synthesizer: A = X W_1 + b_1   (..., N, Dh)
+
+
+# one cache type per synthesizer, so that backward recognises a cache of another one
+class _DenseSynthCache(_SynthCache):
+    __slots__ = ()
+
+
+class _RandomSynthCache(_SynthCache):
+    __slots__ = ()
+
+
+class _FactorizedSynthCache(_SynthCache):
+    __slots__ = ()
 
 
 def _wide(a):
@@ -136,6 +149,10 @@ class _Synthesizer(SequenceLayer):
     def _x(self, x, check_finite):
         return check_x(x, d=self.w_v.shape[0], n=self.n, check_finite=check_finite)
 
+    def _dy(self, cache, cache_type, dy, check_finite):
+        check_cache(cache, cache_type, type(self).__name__)
+        return check_dout(dy, cache.x.shape, cache.x.dtype, name="dy", check_finite=check_finite)
+
     def _grads(self, dx, grads):
         params = self.params
         return LayerGrads(dx, {k: np.asarray(g).astype(params[k].dtype, copy=False) for k, g in grads.items()})
@@ -158,7 +175,7 @@ class DenseSynthesizer(_Synthesizer):
 
     Notes
     -----
-    ``forward(x, check_finite=False)``: ``x (..., N, D)`` with the layer's N.
+    ``forward(x, *, check_finite=True)``: ``x (..., N, D)`` with the layer's N.
     Tay et al. 2020, arXiv:2005.00743, §3.1.1.
     """
 
@@ -197,17 +214,17 @@ class DenseSynthesizer(_Synthesizer):
         return cls(w1.astype(dtype), np.zeros(dh, dtype), w2.astype(dtype), np.zeros(n, dtype),
                    w_v.astype(dtype), causal=causal)
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = self._x(x, check_finite)
         w1, b1, w2, b2, w_v = (p.astype(x.dtype, copy=False) for p in self.params.values())
         hidden = right_matmul(x, w1) + b1                         # A = X W1 + b1         (..., N, Dh)
         logits = right_matmul(np.maximum(hidden, 0), w2) + b2     # B = relu(A) W2 + b2   (..., N, N)
         y, probs, vals = _mix_forward(x, logits, w_v, self.causal)
-        return y, _SynthCache(x, vals, probs, hidden)
+        return y, _DenseSynthCache(x, vals, probs, hidden)
 
-    def backward(self, cache: _SynthCache, dy) -> LayerGrads:
+    def backward(self, cache: _DenseSynthCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        dy = self._dy(cache, _DenseSynthCache, dy, check_finite)
         x = cache.x
-        dy = check_dout(dy, x.shape, x.dtype, name="dy")
         w1, _, w2, _, w_v = (p.astype(x.dtype, copy=False) for p in self.params.values())
         dx, dw_v, dlogits = _mix_backward(cache, dy, w_v)
         hidden = cache.hidden
@@ -264,15 +281,15 @@ class RandomSynthesizer(_Synthesizer):
         w_v = rng.standard_normal((d, d)) / np.sqrt(d)
         return cls(r.astype(dtype), w_v.astype(dtype), causal=causal)
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = self._x(x, check_finite)
         r, w_v = self.r.astype(x.dtype, copy=False), self.w_v.astype(x.dtype, copy=False)
         y, probs, vals = _mix_forward(x, r, w_v, self.causal)     # P (N, N), shared by the batch
-        return y, _SynthCache(x, vals, probs, None)
+        return y, _RandomSynthCache(x, vals, probs, None)
 
-    def backward(self, cache: _SynthCache, dy) -> LayerGrads:
+    def backward(self, cache: _RandomSynthCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        dy = self._dy(cache, _RandomSynthCache, dy, check_finite)
         x = cache.x
-        dy = check_dout(dy, x.shape, x.dtype, name="dy")
         dx, dw_v, dr = _mix_backward(cache, dy, self.w_v.astype(x.dtype, copy=False))   # dR = dB
         return self._grads(dx, {"r": dr, "w_v": dw_v})
 
@@ -321,15 +338,15 @@ class FactorizedRandomSynthesizer(_Synthesizer):
         w_v = rng.standard_normal((d, d)) / np.sqrt(d)
         return cls(r1.astype(dtype), r2.astype(dtype), w_v.astype(dtype), causal=causal)
 
-    def forward(self, x, *, check_finite: bool = False):
+    def forward(self, x, *, check_finite: bool = True):
         x = self._x(x, check_finite)
         r1, r2, w_v = (p.astype(x.dtype, copy=False) for p in self.params.values())
         y, probs, vals = _mix_forward(x, r1 @ r2.T, w_v, self.causal)   # B = R1 R2ᵀ  (N, N)
-        return y, _SynthCache(x, vals, probs, None)
+        return y, _FactorizedSynthCache(x, vals, probs, None)
 
-    def backward(self, cache: _SynthCache, dy) -> LayerGrads:
+    def backward(self, cache: _FactorizedSynthCache, dy, *, check_finite: bool = True) -> LayerGrads:
+        dy = self._dy(cache, _FactorizedSynthCache, dy, check_finite)
         x = cache.x
-        dy = check_dout(dy, x.shape, x.dtype, name="dy")
         r1, r2, w_v = (p.astype(x.dtype, copy=False) for p in self.params.values())
         dx, dw_v, dlogits = _mix_backward(cache, dy, w_v)
         dr1 = dlogits @ r2                                        # dR1 = dB R2     (N, K)

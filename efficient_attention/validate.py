@@ -14,7 +14,12 @@ Policy
   Integer, bool, complex, float16 and object arrays raise ``TypeError``.
 * Shapes: ``q (..., N, D)``, ``k (..., M, D)``, ``v (..., M, Dv)``; the leading
   (batch) axes of all three must be equal.
-* ``check_finite=True`` rejects NaN and Inf with ``ValueError``.
+* ``check_finite=True`` (the default of every public ``forward`` and ``backward``, as in
+  scipy.linalg) rejects NaN and Inf in ``q, k, v``, ``x`` and ``dout`` with ``ValueError``
+  naming the argument and the first bad index; ``check_finite=False`` skips the check.
+  Each public entry checks once; a layer calling its cores passes ``check_finite=False``.
+* ``backward(cache, dout)`` takes only the cache its own class's ``forward`` returned
+  (:func:`check_cache`).
 * Masks are boolean (True = may attend): dense arrays broadcastable to
   ``(..., N, M)``, or ``scipy.sparse`` arrays of shape ``(N, M)`` whose index
   arrays are checked with NumPy before scipy or a kernel touches them.
@@ -34,6 +39,7 @@ __all__ = [
     "check_x",
     "check_dout",
     "check_finite_array",
+    "check_cache",
     "check_mask",
     "check_csr",
     "check_int",
@@ -83,16 +89,34 @@ def result_dtype(*arrays) -> np.dtype:
     return np.dtype(np.float32) if all(a.dtype == np.float32 for a in arrays) else np.dtype(np.float64)
 
 
-def check_finite_array(x: np.ndarray, name: str) -> None:
-    if not np.isfinite(x).all():
-        bad = "NaN" if np.isnan(x).any() else "Inf"
-        raise ValueError(f"{name} must contain only finite values (check_finite=True), found {bad}")
+def check_finite_array(x, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` and the first non-finite entry (C order) of ``x``."""
+    x = np.asarray(x)
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    index = tuple(int(i) for i in np.unravel_index(np.argmin(finite), x.shape))
+    raise ValueError(f"{name} must contain only finite values (check_finite=True); found {x[index]} "
+                     f"at index {index}; pass check_finite=False to skip this check")
 
 
-def check_qkv(q, k, v, *, check_finite: bool = False, names=("q", "k", "v")):
+def check_cache(cache, expected_type: type, owner_name: str):
+    """``cache`` itself, when it is an ``expected_type``: the cache ``owner_name.forward`` returns.
+
+    Raises ``TypeError`` naming the ``cache`` argument, the expected type and the given one
+    (a cache of another core, or a plain tuple, would otherwise fail deep inside backward).
+    """
+    if not isinstance(cache, expected_type):
+        raise TypeError(f"cache must be the cache returned by {owner_name}.forward (a "
+                        f"{expected_type.__name__}), got {_describe(cache)}")
+    return cache
+
+
+def check_qkv(q, k, v, *, check_finite: bool = True, names=("q", "k", "v")):
     """Validate ``q (..., N, D)``, ``k (..., M, D)``, ``v (..., M, Dv)``.
 
-    Returns the three arrays in their common computation dtype.
+    Returns the three arrays in their common computation dtype. ``check_finite``: NaN or
+    Inf in any of them raises ``ValueError`` (:func:`check_finite_array`).
     """
     nq, nk, nv = names
     q = as_float_array(q, nq)
@@ -118,8 +142,8 @@ def check_qkv(q, k, v, *, check_finite: bool = False, names=("q", "k", "v")):
 
 
 def check_x(x, *, name: str = "x", d: int | None = None, n: int | None = None,
-            check_finite: bool = False) -> np.ndarray:
-    """Validate a sequence-layer input ``x (..., N, D)``."""
+            check_finite: bool = True) -> np.ndarray:
+    """Validate a sequence-layer input ``x (..., N, D)`` (finite unless ``check_finite=False``)."""
     x = as_float_array(x, name)
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (..., N, D) with at least 2 axes, got shape {x.shape}")
@@ -132,12 +156,15 @@ def check_x(x, *, name: str = "x", d: int | None = None, n: int | None = None,
     return x
 
 
-def check_dout(dout, shape, dtype, name: str = "dout") -> np.ndarray:
-    """The upstream gradient, checked against the forward output's shape, in its dtype."""
+def check_dout(dout, shape, dtype, name: str = "dout", *, check_finite: bool = True) -> np.ndarray:
+    """The upstream gradient, checked against the forward output's shape (and, with
+    ``check_finite``, for NaN and Inf), in the forward's ``dtype`` (None: its own)."""
     dout = as_float_array(dout, name)
     if dout.shape != tuple(shape):
         raise ValueError(f"{name} must have the shape of the forward output {tuple(shape)}, got {dout.shape}")
-    return dout.astype(dtype, copy=False)
+    if check_finite:
+        check_finite_array(dout, name)
+    return dout if dtype is None else dout.astype(dtype, copy=False)
 
 
 def check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None,

@@ -41,12 +41,12 @@ class KeyBiasAttention(AttentionCore):
     def params(self):
         return {"key_bias": self.key_bias}
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, *, check_finite=True):       # the layer has checked x: False
         s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]) + self.key_bias.astype(q.dtype)
         p = sp_softmax(s, axis=-1).astype(q.dtype)
         return p @ v, (q, k, v, p)
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, check_finite=True):
         q, k, v, p = cache
         dv = np.swapaxes(p, -1, -2) @ dout
         dp = dout @ np.swapaxes(v, -1, -2)

@@ -33,10 +33,17 @@ BAD_CALLS = [
     ("d mismatch", lambda: ea.DenseAttention()(Q, K[..., :2], V), ValueError, ["q", "k", "D"]),
     ("m mismatch", lambda: ea.DenseAttention()(Q, K, V[:, :4]), ValueError, ["k", "v", "M"]),
     ("batch mismatch", lambda: ea.DenseAttention()(Q, K[:1], V[:1]), ValueError, ["leading", "(2, 4, 3)"]),
-    ("nan q", lambda: ea.DenseAttention()(np.where(Q > 1, np.nan, Q), K, V, check_finite=True),
-     ValueError, ["q", "NaN"]),
+    ("nan q", lambda: ea.DenseAttention()(np.where(Q > 1, np.nan, Q), K, V), ValueError,
+     ["q must contain only finite values (check_finite=True)",
+      f"found nan at index {tuple(int(i) for i in np.argwhere(Q > 1)[0])}", "pass check_finite=False"]),
     ("inf v", lambda: ea.DenseAttention()(Q, K, np.full_like(V, np.inf), check_finite=True),
-     ValueError, ["v", "Inf"]),
+     ValueError, ["v", "found inf at index (0, 0, 0)"]),
+    ("nan dout", lambda: ea.DenseAttention().backward(ea.DenseAttention().forward(Q, K, V)[1],
+                                                      np.full((2, 4, 2), np.nan)),
+     ValueError, ["dout", "found nan at index (0, 0, 0)"]),
+    ("foreign cache", lambda: ea.LocalAttention(1).backward(ea.DenseAttention().forward(Q, K, V)[1],
+                                                            np.ones((2, 4, 2))), TypeError,
+     ["cache", "LocalAttention.forward", "_BandCache", "_DenseCache"]),
     ("int mask", lambda: ea.DenseAttention()(Q, K, V, mask=np.ones((4, 5), int)), TypeError, ["mask", "bool"]),
     ("mask shape", lambda: ea.DenseAttention()(Q, K, V, mask=np.ones((5, 4), bool)), ValueError,
      ["mask", "(2, 4, 5)", "(5, 4)"]),
@@ -126,3 +133,82 @@ def test_dlpack_export_failure_is_a_type_error_with_hint():
 
     with pytest.raises(TypeError, match=r"q must be .*detach"):
         ea.DenseAttention()(Refuses(), K, V)
+
+
+# ------------------------------------------------------------------ traps: a clear error, not an AttributeError
+
+N_TRAP, D_TRAP = 16, 8
+VARIANTS = sorted(ea.registry())
+
+
+def _variant(name):
+    var = ea.get_variant(name)
+    obj = var.build(n=N_TRAP, d=D_TRAP, dv=D_TRAP, seed=0)
+    x = np.random.default_rng(1).standard_normal((2, N_TRAP, D_TRAP))
+    return obj, ((x, x.copy(), x.copy()) if var.kind == "core" else (x,))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_backward_with_a_foreign_cache_names_cache_and_both_types(name):
+    obj, args = _variant(name)
+    out, own = obj.forward(*args)
+    other = ea.LocalAttention(1) if isinstance(obj, ea.DenseAttention) else ea.DenseAttention()
+    x = args[0]
+    _, foreign = other.forward(x, x, x)
+    expected = type(own).__name__
+    for cache, given in ((foreign, type(foreign).__name__), ((1, 2), "tuple"), (list(own), "list")):
+        with pytest.raises(TypeError) as info:
+            obj.backward(cache, np.ones_like(out))
+        msg = str(info.value)
+        assert msg.startswith(f"cache must be the cache returned by {type(obj).__name__}.forward"), msg
+        assert f"(a {expected})" in msg and msg.endswith(f"got {given}"), msg
+    obj.backward(own, np.ones_like(out))                     # its own cache still works
+
+
+def test_synthesizers_tell_their_caches_apart():
+    x = np.random.default_rng(2).standard_normal((2, N_TRAP, D_TRAP))
+    dense = ea.DenseSynthesizer.init(N_TRAP, D_TRAP)
+    rand = ea.RandomSynthesizer.init(N_TRAP, D_TRAP)
+    _, cache = dense.forward(x)
+    with pytest.raises(TypeError, match="cache must be the cache returned by RandomSynthesizer.forward"):
+        rand.backward(cache, np.ones_like(x))
+
+
+@pytest.mark.parametrize("fm", [ea.EluFeatureMap(), ea.PerformerFeatureMap(np.eye(3)),
+                                ea.RandomFourierFeatureMap(np.eye(3))], ids=lambda fm: type(fm).__name__)
+def test_feature_map_backward_with_a_foreign_cache(fm):
+    x = np.random.default_rng(3).standard_normal((4, 3))
+    phi, _ = fm.forward(x)
+    other = ea.EluFeatureMap() if not isinstance(fm, ea.EluFeatureMap) else ea.RandomFourierFeatureMap(np.eye(3))
+    _, foreign = other.forward(x)
+    with pytest.raises(TypeError, match=rf"^cache must be the cache returned by {type(fm).__name__}.forward"):
+        fm.backward(foreign, np.ones_like(phi))
+    with pytest.raises(ValueError, match=r"^dphi must have the shape of the forward output"):
+        fm.backward(fm.forward(x)[1], np.ones((4, 2)))
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if ea.get_variant(n).cls is not ea.DenseAttention])
+def test_unknown_keyword_names_it_and_the_public_class(name):
+    """``mask=`` is DenseAttention's alone (the other cores fix their pattern in the constructor):
+    a TypeError naming ``mask`` and the variant's public class, never a private base class."""
+    obj, args = _variant(name)
+    mask = np.ones((N_TRAP, N_TRAP), bool)
+    for call in (obj, obj.forward):
+        with pytest.raises(TypeError) as info:
+            call(*args, mask=mask)
+        msg = str(info.value)
+        assert f"{type(obj).__name__}.forward()" in msg and "'mask'" in msg, msg
+        assert "._" not in msg and not msg.startswith("_"), msg
+
+
+def test_shared_qk_lsh_called_with_values_in_place_of_keys():
+    q, v = Q, V[:, :4]
+    core = ea.LSHAttention(4)                                # shared QK: k must be None
+    with pytest.raises(ValueError) as info:
+        core(q, v)
+    msg = str(info.value)
+    assert "second positional argument is k" in msg and "v=" in msg, msg
+    np.testing.assert_array_equal(core(q, v=v), core(q, None, v))
+    with pytest.raises(ValueError, match="k must be None when shared_qk=True") as info:
+        core(q, K[:, :4], v)                                 # k given as well: no hint about v=
+    assert "v=" not in str(info.value)
