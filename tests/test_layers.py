@@ -4,9 +4,12 @@ import pytest
 from scipy.special import softmax as sp_softmax
 
 import efficient_attention as ea
+from efficient_attention import patterns
 from efficient_attention.core import AttentionCore, Grads
 from efficient_attention.dense import DenseAttention
 from efficient_attention.layers import MultiHeadAttention, bigbird_heads, longformer_heads
+from efficient_attention.local import LocalAttention, StridedAttention
+from efficient_attention.sparse import GlobalAttention, SparseAttention
 from efficient_attention.testing import assert_attention_close
 
 RNG = np.random.default_rng(1234)
@@ -226,13 +229,7 @@ def test_bad_types_and_x():
         MultiHeadAttention.init(d=4, heads=0)
 
 
-# -- Longformer / BigBird head sets (need the chapter 1 cores) --------------------------
-
-def _pattern_modules():
-    pytest.importorskip("efficient_attention.local", reason="chapter 1 cores (local.py) not landed yet")
-    pytest.importorskip("efficient_attention.sparse", reason="chapter 1 cores (sparse.py) not landed yet")
-    pytest.importorskip("efficient_attention.patterns", reason="patterns.py not landed yet")
-
+# -- Longformer / BigBird head sets (the chapter 1 cores) ------------------------------
 
 def _each_head_separately(layer, x):
     """Σ_h core_h(x·w_q[:, h], x·w_k[:, h], x·w_v[:, h]) · w_o[h], one core call per head."""
@@ -244,9 +241,6 @@ def _each_head_separately(layer, x):
 
 
 def test_longformer_heads_equal_each_core_separately_and_masked_textbook():
-    _pattern_modules()
-    from efficient_attention.local import LocalAttention, StridedAttention
-    from efficient_attention.sparse import GlobalAttention
     n, d, h = 16, 8, 4
     cores = longformer_heads(n, h, window=2, dilation=3, global_indices=(0, 5))
     assert [type(c) for c in cores] == [LocalAttention, StridedAttention, GlobalAttention, LocalAttention]
@@ -264,7 +258,6 @@ def test_longformer_heads_equal_each_core_separately_and_masked_textbook():
 
 
 def test_longformer_causal_heads_never_read_the_future():
-    _pattern_modules()
     n, d = 16, 8
     layer = MultiHeadAttention.init(n=n, d=d, seed=0, heads=3, dk=2,
                                     cores=longformer_heads(n, 3, window=3, dilation=2, causal=True))
@@ -275,9 +268,6 @@ def test_longformer_causal_heads_never_read_the_future():
 
 
 def test_bigbird_heads_equal_each_core_separately():
-    _pattern_modules()
-    from efficient_attention import patterns
-    from efficient_attention.sparse import SparseAttention
     n, d, h = 16, 8, 5
     cores = bigbird_heads(n, h, window=1, dilation=4, global_indices=(0,), per_row=3, seed=11)
     assert isinstance(cores[0], SparseAttention) and isinstance(cores[4], SparseAttention)
@@ -315,8 +305,6 @@ def test_registry_entries():
 
 
 def test_global_head_with_added_token_params_namespaced_and_checked():
-    _pattern_modules()
-    from efficient_attention.sparse import GlobalAttention
     n, d, h, dk = 8, 6, 3, 2
     cores = [DenseAttention(), GlobalAttention(indices=(3,), n_extra=1, d=dk, dv=dk, seed=4),
              DenseAttention(causal=True)]
@@ -339,9 +327,6 @@ def test_equal_parameter_free_cores_run_batched():
 def test_per_head_cores_equal_one_sparse_core_with_a_pattern_per_head():
     """The loop over Longformer-style heads equals one batched SparseAttention call with one
     pattern per head (axis -3): two independent routes to the same layer."""
-    _pattern_modules()
-    from efficient_attention import patterns
-    from efficient_attention.sparse import SparseAttention
     n, d, h = 16, 8, 3
     w = _weights(d, h, 2, 2, seed=12)
     loop = MultiHeadAttention(longformer_heads(n, h, window=2, dilation=3, global_indices=(4,)), *w)
