@@ -54,7 +54,7 @@ import numpy as np
 
 from .core import AttentionCore, Cost, LayerGrads, SequenceLayer
 from .dense import DenseAttention
-from .validate import as_float_array, check_cache, check_dout, check_int, check_x
+from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_x
 
 __all__ = ["MultiHeadAttention", "longformer_heads", "bigbird_heads"]
 
@@ -380,33 +380,46 @@ def longformer_heads(n: int, heads: int = 3, window: int = 4, dilation: int = 2,
 
 
 def bigbird_heads(n: int, heads: int = 4, window: int = 4, dilation: int = 2, global_indices=(0,),
-                  per_row: int = 3, seed: int = 0, *, scale=None) -> list:
+                  per_row: int = 3, seed: int = 0, *, causal: bool = False, scale=None) -> list:
     """BigBird's ingredients as heads, cycling random, local, strided and global patterns.
 
-    Head ``h`` gets, by ``h % 4``: 0 ``SparseAttention(patterns.random(n,
-    per_row, seed + h))`` (``per_row`` random keys per query, a new draw per
-    head), 1 ``LocalAttention(window)``, 2 ``StridedAttention(dilation,
-    window)``, 3 ``GlobalAttention(global_indices)``. The random heads fix
-    the sequence length to ``n``. (The BigBird paper puts all four in one
-    pattern per head — that is ``patterns.bigbird`` with ``SparseAttention``;
-    this set spreads them over heads, as the lecture's per-head picture does.)
-    Zaheer et al. 2020, arXiv:2007.14062, §2.
+    Head ``h`` gets, by ``h % 4``: 0 a random head, 1 ``LocalAttention(window)``,
+    2 ``StridedAttention(dilation, window)``, 3 ``GlobalAttention(global_indices)``.
+    As in BigBird, the random keys are *extra* keys: a random head is
+    ``SparseAttention(patterns.random(n, per_row, seed + h, exclude=seen))``
+    (a new draw per head) with ``seen`` the keys the window and global kinds
+    give (``|i - j| <= window``, ``i`` or ``j`` global), so each query gets
+    ``per_row`` random keys outside them, or all that remain when fewer do (a
+    global query already sees every key and gets none). With ``causal`` the
+    local and strided heads are causal, the global kind becomes a second local
+    head (as in :func:`longformer_heads`), and a random head draws among
+    ``j <= i`` outside the causal window (``patterns.random(..., causal=True)``).
+    The random heads fix the sequence length to ``n``. (The BigBird paper puts
+    all four in one pattern per head — that is ``patterns.bigbird`` with
+    ``SparseAttention``; this set spreads them over heads, as the lecture's
+    per-head picture does.) Zaheer et al. 2020, arXiv:2007.14062, §2.
     """
     n, heads, window, dilation, idx = _check_head_args(n, heads, window, dilation, global_indices)
     per_row = check_int(per_row, "per_row", minimum=1, maximum=n)
     seed = check_int(seed, "seed", minimum=0)
+    causal = check_bool(causal, "causal")
     from . import patterns
     from .local import LocalAttention, StridedAttention
     from .sparse import GlobalAttention, SparseAttention
+    if causal:
+        seen = patterns.local(n, window, causal=True)
+    else:
+        seen = patterns.union(patterns.local(n, window), patterns.global_tokens(n, idx))
     out = []
     for h in range(heads):
         kind = h % 4
         if kind == 0:
-            out.append(SparseAttention(patterns.random(n, per_row, seed + h), scale=scale))
-        elif kind == 1:
-            out.append(LocalAttention(window, scale=scale))
+            rand = patterns.random(n, per_row, seed + h, causal=causal, exclude=seen)
+            out.append(SparseAttention(rand, scale=scale))
+        elif kind == 1 or (kind == 3 and causal):
+            out.append(LocalAttention(window, causal=causal, scale=scale))
         elif kind == 2:
-            out.append(StridedAttention(dilation, window=window, scale=scale))
+            out.append(StridedAttention(dilation, window=window, causal=causal, scale=scale))
         else:
             out.append(GlobalAttention(indices=idx, scale=scale))
     return out

@@ -78,3 +78,33 @@ def attention_in_dtype(q, k, v, dout=None, mask=None, causal=False, scale=None):
     dp = dout @ np.swapaxes(v, -1, -2)
     ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
     return out, (ds @ k) * sc, (np.swapaxes(ds, -1, -2) @ q) * sc, dv
+
+
+def random_candidates(n, m, causal=False, exclude=None):
+    """Dense (n, m) mask of the keys ``patterns.random`` may draw for each row: all of
+    ``range(m)``, only ``j <= i`` when causal, minus ``exclude`` (a dense mask), one row at a time."""
+    cand = np.zeros((n, m), bool)
+    for i in range(n):
+        for j in range(m):
+            cand[i, j] = (not causal or j <= i) and (exclude is None or not exclude[i, j])
+    return cand
+
+
+def bigbird_fixed_blocks(nb, n_global_blocks, window_blocks):
+    """BigBird's window and global blocks, (nb, nb), element by element."""
+    fixed = np.zeros((nb, nb), bool)
+    for bi in range(nb):
+        for bj in range(nb):
+            fixed[bi, bj] = (abs(bi - bj) <= window_blocks // 2 or bi < n_global_blocks
+                             or bj < n_global_blocks)
+    return fixed
+
+
+def expand_blocks(blocks, block_size, causal=False):
+    """A block mask (nb, nb) as a token mask (nb·b, nb·b); causal: also j <= i."""
+    n = blocks.shape[0] * block_size
+    out = np.zeros((n, n), bool)
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = blocks[i // block_size, j // block_size] and (not causal or j <= i)
+    return out

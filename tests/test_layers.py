@@ -4,9 +4,12 @@ import pytest
 from scipy.special import softmax as sp_softmax
 
 import efficient_attention as ea
+from efficient_attention import patterns
 from efficient_attention.core import AttentionCore, Grads
 from efficient_attention.dense import DenseAttention
 from efficient_attention.layers import MultiHeadAttention, bigbird_heads, longformer_heads
+from efficient_attention.local import LocalAttention, StridedAttention
+from efficient_attention.sparse import GlobalAttention, SparseAttention
 from efficient_attention.testing import assert_attention_close
 
 RNG = np.random.default_rng(1234)
@@ -19,15 +22,19 @@ def _weights(d, h, dk, dv, seed=0):
 
 
 def _textbook(x, w_q, w_k, w_v, w_o, masks=None, scales=None):
-    """Vaswani et al.: concat_h softmax(Q_h K_hᵀ / sqrt(dk) [+ mask]) V_h, then · W_O (scipy softmax)."""
+    """Vaswani et al.: concat_h softmax(Q_h K_hᵀ / sqrt(dk) [+ mask]) V_h, then · W_O (scipy softmax);
+    a query row with no allowed key outputs zeros."""
     d, h, dk = w_q.shape
     heads = []
     for i in range(h):
         q, k, v = x @ w_q[:, i], x @ w_k[:, i], x @ w_v[:, i]
         s = (dk ** -0.5 if scales is None or scales[i] is None else scales[i]) * q @ np.swapaxes(k, -1, -2)
+        some = np.ones(s.shape[:-1] + (1,), bool)
         if masks is not None and masks[i] is not None:
-            s = np.where(masks[i], s, -np.inf)
-        heads.append(sp_softmax(s, axis=-1) @ v)
+            some = np.broadcast_to(masks[i], s.shape).any(axis=-1, keepdims=True)
+            s = np.where(masks[i] & some, s, -np.inf)
+            s = np.where(some, s, 0.0)                     # fully masked rows: zeroed below
+        heads.append(np.where(some, sp_softmax(s, axis=-1), 0.0) @ v)
     return np.concatenate(heads, axis=-1) @ w_o.reshape(-1, d)
 
 
@@ -226,13 +233,7 @@ def test_bad_types_and_x():
         MultiHeadAttention.init(d=4, heads=0)
 
 
-# -- Longformer / BigBird head sets (need the chapter 1 cores) --------------------------
-
-def _pattern_modules():
-    pytest.importorskip("efficient_attention.local", reason="chapter 1 cores (local.py) not landed yet")
-    pytest.importorskip("efficient_attention.sparse", reason="chapter 1 cores (sparse.py) not landed yet")
-    pytest.importorskip("efficient_attention.patterns", reason="patterns.py not landed yet")
-
+# -- Longformer / BigBird head sets (the chapter 1 cores) ------------------------------
 
 def _each_head_separately(layer, x):
     """Σ_h core_h(x·w_q[:, h], x·w_k[:, h], x·w_v[:, h]) · w_o[h], one core call per head."""
@@ -244,9 +245,6 @@ def _each_head_separately(layer, x):
 
 
 def test_longformer_heads_equal_each_core_separately_and_masked_textbook():
-    _pattern_modules()
-    from efficient_attention.local import LocalAttention, StridedAttention
-    from efficient_attention.sparse import GlobalAttention
     n, d, h = 16, 8, 4
     cores = longformer_heads(n, h, window=2, dilation=3, global_indices=(0, 5))
     assert [type(c) for c in cores] == [LocalAttention, StridedAttention, GlobalAttention, LocalAttention]
@@ -264,7 +262,6 @@ def test_longformer_heads_equal_each_core_separately_and_masked_textbook():
 
 
 def test_longformer_causal_heads_never_read_the_future():
-    _pattern_modules()
     n, d = 16, 8
     layer = MultiHeadAttention.init(n=n, d=d, seed=0, heads=3, dk=2,
                                     cores=longformer_heads(n, 3, window=3, dilation=2, causal=True))
@@ -274,25 +271,61 @@ def test_longformer_causal_heads_never_read_the_future():
     np.testing.assert_array_equal(layer(x)[:9], layer(x2)[:9])
 
 
+def _bigbird_random_rule(n, window, global_indices, causal):
+    """Keys a BigBird random head may draw: outside the window and the global keys and rows
+    (causal: only j <= i, outside the causal window; the causal set has no global head)."""
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    if causal:
+        return (j <= i) & (i - j > window)
+    glob = np.isin(i, global_indices) | np.isin(j, global_indices)
+    return (np.abs(i - j) > window) & ~glob
+
+
 def test_bigbird_heads_equal_each_core_separately():
-    _pattern_modules()
-    from efficient_attention import patterns
-    from efficient_attention.sparse import SparseAttention
     n, d, h = 16, 8, 5
     cores = bigbird_heads(n, h, window=1, dilation=4, global_indices=(0,), per_row=3, seed=11)
-    assert isinstance(cores[0], SparseAttention) and isinstance(cores[4], SparseAttention)
+    assert [type(c) for c in cores] == [SparseAttention, LocalAttention, StridedAttention, GlobalAttention,
+                                        SparseAttention]
     w = _weights(d, h, 2, 3, seed=8)
     layer = MultiHeadAttention(cores, *w)
     x = RNG.standard_normal((2, n, d))
     y = layer(x)
     assert_attention_close(y, _each_head_separately(layer, x), np.float64)
-    rand0 = patterns.random(n, 3, 11).toarray().astype(bool)
-    assert (rand0.sum(axis=1) == 3).all()
-    rand4 = patterns.random(n, 3, 15).toarray().astype(bool)
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    cand = _bigbird_random_rule(n, 1, (0,), causal=False)
+    rand = [cores[0].pattern.toarray().astype(bool), cores[4].pattern.toarray().astype(bool)]
+    for r in rand:
+        assert not np.any(r & ~cand)                                   # extra keys only
+        np.testing.assert_array_equal(r.sum(axis=1), np.minimum(3, cand.sum(axis=1)))
+    assert (rand[0] != rand[1]).any()                                  # a new draw per head
+    seen = patterns.union(patterns.local(n, 1), patterns.global_tokens(n, (0,)))
+    rand0 = patterns.random(n, 3, 11, exclude=seen).toarray().astype(bool)
+    rand4 = patterns.random(n, 3, 15, exclude=seen).toarray().astype(bool)
     masks = [rand0, np.abs(i - j) <= 1, ((i - j) % 4 == 0) & (np.abs(i - j) <= 4), (i == 0) | (j == 0), rand4]
     assert_attention_close(y, _textbook(x, *w, masks=masks), np.float64)
     assert ea.gradcheck(layer, (x[:1],)) < 1e-6
+
+
+def test_bigbird_causal_heads_never_read_the_future():
+    n, d, h = 16, 8, 5
+    cores = bigbird_heads(n, h, window=2, dilation=3, per_row=2, seed=3, causal=True)
+    assert [type(c) for c in cores] == [SparseAttention, LocalAttention, StridedAttention, LocalAttention,
+                                        SparseAttention]
+    cand = _bigbird_random_rule(n, 2, (0,), causal=True)
+    for r in (cores[0].pattern.toarray().astype(bool), cores[4].pattern.toarray().astype(bool)):
+        assert not np.any(r & ~cand)
+        np.testing.assert_array_equal(r.sum(axis=1), np.minimum(2, cand.sum(axis=1)))
+    layer = MultiHeadAttention.init(n=n, d=d, seed=0, heads=h, dk=2, cores=cores)
+    x = RNG.standard_normal((n, d))
+    x2 = x.copy()
+    x2[9:] += RNG.standard_normal((n - 9, d))
+    np.testing.assert_array_equal(layer(x)[:9], layer(x2)[:9])
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    masks = [cores[0].pattern.toarray().astype(bool), (i - j >= 0) & (i - j <= 2),
+             (j <= i) & ((i - j) % 3 == 0) & (i - j <= 6), (i - j >= 0) & (i - j <= 2),
+             cores[4].pattern.toarray().astype(bool)]
+    assert_attention_close(layer(x), _textbook(x, layer.w_q, layer.w_k, layer.w_v, layer.w_o, masks=masks),
+                           np.float64)
 
 
 def test_head_set_bad_arguments():
@@ -304,6 +337,8 @@ def test_head_set_bad_arguments():
         bigbird_heads(8, 4, dilation=0)
     with pytest.raises(ValueError, match="per_row must be <= 8"):
         bigbird_heads(8, 4, per_row=9)
+    with pytest.raises(TypeError, match="causal"):
+        bigbird_heads(8, 4, causal="no")
 
 
 def test_registry_entries():
@@ -315,8 +350,6 @@ def test_registry_entries():
 
 
 def test_global_head_with_added_token_params_namespaced_and_checked():
-    _pattern_modules()
-    from efficient_attention.sparse import GlobalAttention
     n, d, h, dk = 8, 6, 3, 2
     cores = [DenseAttention(), GlobalAttention(indices=(3,), n_extra=1, d=dk, dv=dk, seed=4),
              DenseAttention(causal=True)]
@@ -339,9 +372,6 @@ def test_equal_parameter_free_cores_run_batched():
 def test_per_head_cores_equal_one_sparse_core_with_a_pattern_per_head():
     """The loop over Longformer-style heads equals one batched SparseAttention call with one
     pattern per head (axis -3): two independent routes to the same layer."""
-    _pattern_modules()
-    from efficient_attention import patterns
-    from efficient_attention.sparse import SparseAttention
     n, d, h = 16, 8, 3
     w = _weights(d, h, 2, 2, seed=12)
     loop = MultiHeadAttention(longformer_heads(n, h, window=2, dilation=3, global_indices=(4,)), *w)

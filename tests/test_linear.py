@@ -10,7 +10,7 @@ from efficient_attention.feature_maps import (EluFeatureMap, FeatureMap, Perform
                                               RandomFourierFeatureMap)
 from efficient_attention.kernels import linear as K
 from efficient_attention.linear import EfficientAttention, LinearAttention, LinearState
-from efficient_attention.bench import rel_error
+from efficient_attention.bench import rel_error, traced_peak
 from efficient_attention.testing import assert_attention_close, float_arrays
 
 MAPS = ["elu", "performer", "hyperbolic", "rfa"]
@@ -424,6 +424,52 @@ def test_float32_scan_close_to_float64_long_sequence():
     out64 = core(q, k, v)
     out32 = core(*(a.astype(np.float32) for a in (q, k, v)))
     assert_attention_close(out32, out64, np.float32, row_length=600)
+
+
+# ------------------------------------------------------------------ memory: O(N·d), no N×N
+def _fwd_bwd_peaks(core, sizes, d=4):
+    """Traced peak bytes of forward + backward at each N of ``sizes`` (inputs allocated outside)."""
+    core(*_qkv((), 64, d))                                          # compile outside the trace
+    peaks = {}
+    for n in sizes:
+        q, k, v = _qkv((), n, d, seed=n)
+        g = np.random.default_rng(1).standard_normal(v.shape)
+
+        def run():
+            out, cache = core.forward(q, k, v)
+            core.backward(cache, g)
+        peaks[n] = traced_peak(run)
+    return peaks
+
+
+class _QuadraticTemporary(LinearAttention):
+    """Linear attention that also makes an N × N/64 float64 temporary in its forward pass:
+    what the memory test must catch."""
+
+    def forward(self, q, k, v, **kw):
+        np.ones((q.shape[-2], q.shape[-2] // 64)).sum()
+        return super().forward(q, k, v, **kw)
+
+
+N_SMALL, N_LARGE = 1 << 11, 1 << 14
+
+
+@pytest.mark.parametrize("fmap, causal, method", [(f, False, "auto") for f in ("elu", "performer")] +
+                         [(f, True, m) for f in ("elu", "performer") for m in ("auto", "numpy", "chunked")])
+def test_memory_is_linear_in_n(fmap, causal, method):
+    """From N to 8N the traced peak of forward + backward grows < 12x (about 8x or less
+    measured); an N x N intermediate would grow it ~64x, and the peak stays far below one
+    N x N float64 array. (``method`` only chooses the causal evaluation.)"""
+    peaks = _fwd_bwd_peaks(LinearAttention(_map(fmap, 4, m=16), causal=causal, method=method),
+                           (N_SMALL, N_LARGE))
+    assert peaks[N_LARGE] < 12 * peaks[N_SMALL], peaks
+    assert peaks[N_LARGE] < N_LARGE * N_LARGE * 8 / 64, peaks
+
+
+def test_memory_test_catches_a_quadratic_temporary():
+    """The bound above fails for an N x N/64 temporary (so for any N x N one)."""
+    peaks = _fwd_bwd_peaks(_QuadraticTemporary(_map("elu", 4)), (N_SMALL, N_LARGE))
+    assert peaks[N_LARGE] > 12 * peaks[N_SMALL], peaks
 
 
 # ------------------------------------------------------------------ cost: the lecture's counts

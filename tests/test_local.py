@@ -219,6 +219,37 @@ def test_memory_is_linear_in_n():
     assert peaks[n] < 4.5 * peaks[1 << 14], peaks
 
 
+def _fwd_bwd_peaks(core, sizes, d=4, dv=4):
+    """Traced peak bytes of forward + backward at each N of ``sizes`` (inputs allocated outside)."""
+    core(*_arrays((), 64, d, dv, np.float64)[:3])                  # compile outside the trace
+    peaks = {}
+    for n in sizes:
+        q, k, v, g = _arrays((), n, d, dv, np.float64)
+
+        def run():
+            out, cache = core.forward(q, k, v)
+            core.backward(cache, g)
+        peaks[n] = bench.traced_peak(run)
+    return peaks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_memory_is_linear_in_n(causal):
+    """O(N·d): from N to 8N the peak of forward + backward grows < 12x (about 8x measured;
+    an N x N/stride intermediate, which is what the unwindowed reach is, would give ~64x), and
+    with a window it stays below an N x (2·window + 1) float64 band (no N x window array)."""
+    n0, n1 = 1 << 11, 1 << 14
+    window = 128
+    peaks = _fwd_bwd_peaks(StridedAttention(4, window=window, causal=causal), (n0, n1))
+    band_bytes = n1 * (2 * window + 1) * 8
+    assert peaks[n1] < band_bytes / 4, (peaks, band_bytes)
+    assert peaks[n1] < 12 * peaks[n0], peaks
+    n0, n1 = 1 << 10, 1 << 13                                        # no window: reach N/stride
+    peaks = _fwd_bwd_peaks(StridedAttention(8, causal=causal), (n0, n1))
+    assert peaks[n1] < 12 * peaks[n0], peaks
+    assert peaks[n1] < n1 * (n1 // 8) * 8 / 4, peaks                 # far below one N x N/stride array
+
+
 # --- hypothesis -------------------------------------------------------------------------------
 
 @settings(max_examples=25)

@@ -258,20 +258,53 @@ def test_gradcheck_fixed_hashes(cfg, chunk):
         assert gradcheck(core, (q, k, v)) < 1e-6
 
 
+def _shared_qk_reference(q, v, g, mask, scale):
+    """Shared-QK attention and its gradients in float64, written out for one sequence: keys
+    k̂ = q/‖q‖, softmax(scale·q k̂ᵀ) over ``mask`` (rows with no key give 0), and dq through both
+    paths, the query and the key k̂ = q/‖q‖. Returns (out, dq, dv)."""
+    q, v, g = (np.asarray(a, np.float64) for a in (q, v, g))
+    norm = np.linalg.norm(q, axis=-1, keepdims=True)                    # (N, 1)
+    khat = q / norm
+    s = np.where(mask, scale * q @ khat.T, -np.inf)                     # (N, N)
+    some = mask.any(axis=1, keepdims=True)
+    p = np.where(some, np.exp(s - np.where(some, s.max(axis=1, keepdims=True), 0.0)), 0.0)
+    p = np.divide(p, p.sum(axis=1, keepdims=True), out=np.zeros_like(p), where=some)
+    out = p @ v
+    dv = p.T @ g
+    dp = g @ v.T
+    ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))                 # softmax backward
+    dq = scale * ds @ khat                                              # through the query
+    dkhat = scale * ds.T @ q                                            # through the key k̂
+    dq += (dkhat - (dkhat * khat).sum(axis=1, keepdims=True) * khat) / norm   # d(q/‖q‖)
+    return out, dq, dv
+
+
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_gradients_equal_dense_oracle_gradients(cfg):
+@pytest.mark.parametrize("scale", [None, 0.7])
+def test_gradients_equal_dense_oracle_gradients(cfg, scale):
     q, k, v = _data((1, 24, 4), seed=16)
-    core = LSHAttention(4, n_hashes=3, chunk_size=4, **cfg)
+    core = LSHAttention(4, n_hashes=3, chunk_size=4, scale=scale, **cfg)
     out, cache = core.forward(q, None if core.shared_qk else k, v)
     g = np.random.default_rng(0).standard_normal(out.shape)
     grads = core.backward(cache, g)
-    if not core.shared_qk:
+    s = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    if core.shared_qk:
+        assert grads.dk is None
+        mask = core.pattern(q[0]).toarray()                 # the effective pattern, self rule included
+        diag = np.diag(mask)
+        assert np.array_equal(diag, mask.sum(axis=1) == diag)   # self only where no other key
+        ref_out, ref_dq, ref_dv = _shared_qk_reference(q[0], v[0], g[0], mask, s)
+        assert_attention_close(out[0], ref_out, np.float64)
+        assert_attention_close(grads.dq[0], ref_dq, np.float64, kind="grad")
+        assert_attention_close(grads.dv[0], ref_dv, np.float64, kind="grad")
+    else:
         mask = core.pattern(q[0], k[0]).toarray()
-        dense = DenseAttention()
+        dense = DenseAttention(scale=scale)
         ref_out, ref_cache = dense.forward(q, k, v, mask=mask)
         ref = dense.backward(ref_cache, g)
+        assert_attention_close(out, ref_out, np.float64)
         for a, b in zip((grads.dq, grads.dk, grads.dv), ref[:3]):
-            assert_attention_close(a, b, np.float64)
+            assert_attention_close(a, b, np.float64, kind="grad")
 
 
 # ------------------------------------------------------------------ kernels against references

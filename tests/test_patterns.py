@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from efficient_attention import patterns as P
+from naive import bigbird_fixed_blocks, expand_blocks, random_candidates
 
 sizes = st.integers(1, 40)
 
@@ -54,13 +55,23 @@ def test_global_rule(data, n):
     np.testing.assert_array_equal(_check_csr(P.global_tokens(n, idx), n), rule)
 
 
-@given(data=st.data(), n=sizes, m=st.none() | st.integers(0, 40), seed=st.integers(0, 2**31))
-def test_random_rule(data, n, m, seed):
+@given(data=st.data(), n=sizes, m=st.none() | st.integers(0, 40), seed=st.integers(0, 2**31),
+       causal=st.booleans(), with_exclude=st.booleans())
+def test_random_rule(data, n, m, seed, causal, with_exclude):
     mm = n if m is None else m
     per_row = data.draw(st.integers(0, mm))
-    dense = _check_csr(P.random(n, per_row, seed, m), n, mm)
-    np.testing.assert_array_equal(dense.sum(axis=1), per_row)       # exactly per_row distinct keys
-    np.testing.assert_array_equal(P.random(n, per_row, seed, m).toarray(), dense)   # seeded
+    exclude = None
+    if with_exclude:
+        exclude = data.draw(st.lists(st.lists(st.booleans(), min_size=mm, max_size=mm), min_size=n, max_size=n))
+        exclude = np.array(exclude, bool).reshape(n, mm)
+    ex = None if exclude is None else sp.csr_array(exclude)
+    dense = _check_csr(P.random(n, per_row, seed, m, causal=causal, exclude=ex), n, mm)
+    cand = random_candidates(n, mm, causal, exclude)                 # range(m), j <= i, not excluded
+    assert not np.any(dense & ~cand)                                 # only candidate keys
+    # exactly per_row distinct keys, fewer only when fewer candidates remain
+    np.testing.assert_array_equal(dense.sum(axis=1), np.minimum(per_row, cand.sum(axis=1)))
+    again = P.random(n, per_row, seed, m, causal=causal, exclude=ex).toarray()
+    np.testing.assert_array_equal(again, dense)                      # seeded
 
 
 def test_random_is_uniform_and_seed_dependent():
@@ -73,6 +84,34 @@ def test_random_is_uniform_and_seed_dependent():
         assert (a != b).nnz > 0
 
 
+def test_random_with_exclusion_or_causal_is_uniform_over_the_candidates():
+    """The keys left after ``exclude`` (rows of different lengths, so the padded permutation
+    branch mixes row lengths) and after the causal cut are drawn uniformly, in both branches."""
+    n, m = 7000, 50
+    rows = np.arange(n)
+    low = rows % 7                                     # row i excludes keys < i % 7 and keys 20..29
+    i, j = rows[:, None], np.arange(m)[None, :]
+    exclude = (j < low[:, None]) | ((j >= 20) & (j < 30))
+    for per_row in (3, 8):                             # 3² <= 34..40 candidates: redraws; 8² > 40: permutations
+        p = P.random(n, per_row, 4, m=m, exclude=sp.csr_array(exclude)).toarray()
+        for r in range(7):                             # rows with the same candidates: uniform counts
+            counts = p[low == r].sum(axis=0)
+            cand = ~exclude[r]
+            expected = (low == r).sum() * per_row / cand.sum()
+            assert np.all(counts[~cand] == 0)
+            assert np.all(np.abs(counts[cand] - expected) < 6 * np.sqrt(expected)), (per_row, r)
+    # causal, ragged lengths: row i keeps min(r, i + 1) of its i + 1 candidates; over seeds each is as likely
+    hits = np.zeros((12, 12))
+    for seed in range(600):
+        hits += P.random(12, 3, seed, causal=True).toarray()
+    expected = 600 * np.minimum(3, np.arange(12) + 1) / (np.arange(12) + 1)
+    allowed = j[:, :12] <= i[:12]
+    assert np.all(hits[~allowed] == 0)
+    expected = np.broadcast_to(expected[:, None], hits.shape)
+    tol = 6 * np.sqrt(expected * (1 - expected / 600)) + 1e-9        # 6 sigma of a binomial count
+    assert np.all(np.abs(hits - expected)[allowed] <= tol[allowed])
+
+
 @given(data=st.data(), n=sizes)
 def test_union_rule(data, n):
     seeds = data.draw(st.lists(st.integers(0, 2**31), min_size=1, max_size=4))
@@ -81,34 +120,57 @@ def test_union_rule(data, n):
     np.testing.assert_array_equal(_check_csr(P.union(*pats), n), expected)
 
 
-@given(data=st.data(), n=sizes, window=st.integers(0, 12), dilation=st.integers(1, 5))
-def test_longformer_rule(data, n, window, dilation):
+@given(data=st.data(), n=sizes, window=st.integers(0, 12), dilation=st.integers(1, 5), causal=st.booleans())
+def test_longformer_rule(data, n, window, dilation, causal):
     idx = data.draw(st.lists(st.integers(0, n - 1), max_size=3))
     i, j = _ij(n)
     g = np.zeros(n, bool)
     g[idx] = True
     rule = (((i - j) % dilation == 0) & (np.abs(i - j) <= window * dilation)) | g[i] | g[j]
-    np.testing.assert_array_equal(_check_csr(P.longformer(n, window, idx, dilation), n), rule)
+    if causal:
+        rule &= j <= i
+    np.testing.assert_array_equal(_check_csr(P.longformer(n, window, idx, dilation, causal), n), rule)
 
 
-@given(data=st.data(), block=st.integers(1, 5), nb=st.integers(1, 10), wb=st.integers(0, 6),
-       seed=st.integers(0, 2**31))
-def test_bigbird_rule(data, block, nb, wb, seed):
+@settings(max_examples=100)
+@given(data=st.data(), block=st.integers(1, 4), nb=st.integers(1, 14), wb=st.integers(0, 7),
+       seed=st.integers(0, 2**31), causal=st.booleans())
+def test_bigbird_rule(data, block, nb, wb, seed, causal):
     n_rand = data.draw(st.integers(0, nb))
     n_glob = data.draw(st.integers(0, nb))
     n = nb * block
-    dense = _check_csr(P.bigbird(n, block, n_rand, n_glob, wb, seed), n)
-    blocks = dense.reshape(nb, block, nb, block)
-    # every block is all-True or all-False
-    assert np.all(blocks.all(axis=(1, 3)) == blocks.any(axis=(1, 3)))
-    bk = blocks.any(axis=(1, 3))                                       # (nb, nb)
-    i, j = _ij(nb)
-    window_or_global = (np.abs(i - j) <= wb // 2) | (i < n_glob) | (j < n_glob)
-    assert np.all(bk[window_or_global])                                # window and global blocks present
-    # the remaining blocks come from n_rand distinct blocks per row block, drawn by random(nb, n_rand, seed)
-    rnd = P.random(nb, n_rand, seed).toarray()
-    np.testing.assert_array_equal(bk, window_or_global | rnd)
-    assert np.all((bk & ~window_or_global).sum(axis=1) <= n_rand)
+    dense = _check_csr(P.bigbird(n, block, n_rand, n_glob, wb, seed, causal), n)
+    bk = dense.reshape(nb, block, nb, block).any(axis=(1, 3))               # (nb, nb) blocks touched
+    # the token pattern is the block pattern expanded (causal: and j <= i)
+    np.testing.assert_array_equal(dense, expand_blocks(bk, block, causal))
+    fixed = bigbird_fixed_blocks(nb, n_glob, wb)                             # window and global blocks
+    allowed = np.tril(np.ones((nb, nb), bool)) if causal else np.ones((nb, nb), bool)
+    assert np.all(bk[fixed & allowed])                                       # all present
+    assert not np.any(bk & ~allowed)                                         # causal: no block J > I
+    extra = bk & ~fixed                                                      # the random blocks
+    remaining = (~fixed & allowed).sum(axis=1)
+    # exactly n_rand extra blocks per row block, fewer only when fewer remain
+    np.testing.assert_array_equal(extra.sum(axis=1), np.minimum(n_rand, remaining))
+    np.testing.assert_array_equal(P.bigbird(n, block, n_rand, n_glob, wb, seed, causal).toarray(), dense)
+
+
+def test_bigbird_random_blocks_follow_the_seed_and_cover_the_candidates():
+    nb, block = 24, 2
+    fixed = bigbird_fixed_blocks(nb, 2, 3)
+    extras = []
+    for seed in range(40):
+        bk = P.bigbird(nb * block, block, 3, 2, 3, seed).toarray()[::block, ::block]
+        extras.append(bk & ~fixed)
+        assert np.all(extras[-1].sum(axis=1)[2:] == 3)                       # 3 extra for every non-global row
+    assert any((a != extras[0]).any() for a in extras[1:])                   # other seeds, other blocks
+    assert np.all(np.sum(extras, axis=0)[~fixed] > 0)                        # every candidate block drawn
+    # the parts drawn in the chapter's picture are the same blocks
+    parts = P._block_parts(nb * block, block, 3, 2, 3, seed=7)
+    np.testing.assert_array_equal(P.union(*parts.values()).toarray(),
+                                  P.bigbird(nb * block, block, 3, 2, 3, 7).toarray())
+    parts = P._block_parts(nb * block, block, 3, 2, 3, seed=7, causal=True)
+    np.testing.assert_array_equal(P.union(*parts.values()).toarray(),
+                                  P.bigbird(nb * block, block, 3, 2, 3, 7, causal=True).toarray())
 
 
 def test_degenerate_patterns_are_full():
@@ -198,17 +260,23 @@ def test_plot_draws_one_colour_per_pattern(tmp_path):
     (lambda: P.random(8, 3, 0, m=2), ValueError, "per_row"),
     (lambda: P.random(8, -1, 0), ValueError, "per_row"),
     (lambda: P.random(8, 1, -5), ValueError, "seed"),
+    (lambda: P.random(8, 1, 0, causal="yes"), TypeError, "causal"),
+    (lambda: P.random(8, 1, 0, exclude=P.local(7, 1)), ValueError, "exclude"),
+    (lambda: P.random(8, 1, 0, m=4, exclude=P.local(8, 1)), ValueError, "exclude"),
+    (lambda: P.random(8, 1, 0, exclude=np.eye(8, dtype=bool)), TypeError, "exclude"),
     (lambda: P.union(), ValueError, "union"),
     (lambda: P.union(P.local(4, 1), P.local(5, 1)), ValueError, "patterns\\[1\\]"),
     (lambda: P.union(np.eye(3, dtype=bool)), TypeError, "patterns"),
     (lambda: P.longformer(8, -1, [0]), ValueError, "window"),
     (lambda: P.longformer(8, 1, [9]), ValueError, "indices"),
     (lambda: P.longformer(8, 1, [0], dilation=0), ValueError, "dilation"),
+    (lambda: P.longformer(8, 1, [0], causal=1), TypeError, "causal"),
     (lambda: P.bigbird(10, 4, 1, 1), ValueError, "block_size"),
     (lambda: P.bigbird(8, 0, 1, 1), ValueError, "block_size"),
     (lambda: P.bigbird(8, 4, 3, 1), ValueError, "n_random_blocks"),
     (lambda: P.bigbird(8, 4, 1, 3), ValueError, "n_global_blocks"),
     (lambda: P.bigbird(8, 4, 1, 1, window_blocks=-1), ValueError, "window_blocks"),
+    (lambda: P.bigbird(8, 4, 1, 1, causal=None), TypeError, "causal"),
     (lambda: P.to_ascii(np.eye(3)), TypeError, "pattern"),
 ])
 def test_bad_arguments(call, exc, word):
