@@ -83,3 +83,8 @@ def test_wheel_carries_license_py_typed_and_metadata(wheel):
     assert values["Requires-Python"] == [">=3.10"]
     assert "Project-URL" not in values and "Home-page" not in values   # no real URL exists yet
 
+
+def test_main_version():
+    res = subprocess.run([sys.executable, "-m", "efficient_attention", "--version"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"efficient_attention {ea.__version__}"
