@@ -2,7 +2,8 @@
 
 ``python -m efficient_attention`` (or ``efficient-attention``) runs, for every
 registered variant (``--list``), a forward and a forward+backward pass on random
-float32 inputs at N = 1024 and 4096 (d = 64), and prints one Markdown table:
+float32 inputs (d = 64) at N = 1024 and 4096 for attention cores and N = 1024 for
+sequence layers (``--n`` sets the sizes of both), and prints one Markdown table:
 median times, GFLOP/s on the useful FLOPs of ``cost()``, the fraction of this
 machine's GEMM peak, peak traced memory, and two kinds of comparison (a legend
 under the table says the same):
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time every registered efficient-attention variant (forward and backward) "
                     "and check it against its oracle.")
     p.add_argument("--version", action="version", version=f"efficient_attention {__version__}")
-    p.add_argument("--n", type=int, nargs="+", default=[1024, 4096], metavar="N",
-                   help="sequence lengths (default: 1024 4096)")
+    p.add_argument("--n", type=int, nargs="+", metavar="N",
+                   help="sequence lengths of every variant (default: 1024 4096 for attention cores, "
+                        "1024 for sequence layers, whose N x N token mixing would make N = 4096 the "
+                        "slowest part of the default run; --n 1024 4096 times them there too)")
     p.add_argument("--d", type=int, default=64, help="query/key and value width; the model width of "
                                                      "sequence layers (default: 64)")
     p.add_argument("--heads", type=int, default=2, help="independent heads per call of an attention "
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    if any(n < 1 for n in args.n):
+    if args.n is not None and any(n < 1 for n in args.n):
         print(f"error: --n values must be >= 1, got {args.n}", file=sys.stderr)
         return 2
 
@@ -108,8 +111,17 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+#: the default sizes (``--n`` not given) of each kind of variant
+DEFAULT_SIZES = {"core": [1024, 4096], "layer": [1024]}
+
+
 def _run(args, variants) -> int:
     from efficient_attention import bench
+
+    sizes = {kind: list(args.n) if args.n else default for kind, default in DEFAULT_SIZES.items()}
+    kinds = {v.kind for v in variants.values()}
+    at = "; ".join(f"{'attention cores' if kind == 'core' else 'sequence layers'} at N = "
+                   f"{', '.join(map(str, sizes[kind]))}" for kind in ("core", "layer") if kind in kinds)
 
     t_start = time.perf_counter()
     if args.no_peak:
@@ -118,23 +130,25 @@ def _run(args, variants) -> int:
         _say("measuring this machine's GEMM peak (a 2048² matmul in a subprocess, a few seconds) ...")
         peak = bench.gemm_peak()
     dtype = np.dtype(args.dtype)
-    n_cores = sum(v.kind == "core" for v in variants.values())
-    _say(f"timing {len(variants)} variants ({n_cores} attention cores, {len(variants) - n_cores} "
-         f"sequence layers) at N = {', '.join(map(str, args.n))}; a variant's first call compiles "
-         "its numba kernels unless they are cached (seconds each, once)")
+    counts = {kind: sum(v.kind == kind for v in variants.values()) for kind in ("core", "layer")}
+    _say(f"timing {len(variants)} variants ({counts['core']} attention cores, {counts['layer']} "
+         f"sequence layers); {at}. A variant's first call compiles its numba kernels unless they "
+         "are cached (seconds each, once)")
     print("# efficient_attention: every registered variant, forward and backward\n")
     print(bench.machine_header(with_peak=peak is not None))
     if args.blas_threads is not None:
         print(f"- BLAS limited to {args.blas_threads} thread(s) while timing (--blas-threads)")
     print(f"- inputs: {args.dtype}, standard normal; attention cores: d = dv = {args.d}, {args.heads} "
           f"heads per call; sequence layers: one sequence of width {args.d}, the registry's float64 "
-          f"parameters (cast to {args.dtype} inside each call); times are medians of {args.repeat} runs "
-          "after a warm-up; errors on the first head (cores) or the whole sequence (layers)\n")
+          f"parameters (cast to {args.dtype} inside each call); {at}"
+          f"{'' if args.n else ' (the default; --n sets the sizes of every variant)'}; times are "
+          f"medians of {args.repeat} runs after a warm-up; errors on the first head (cores) or the "
+          "whole sequence (layers)\n")
     rows, skipped = [], []
     for i, (name, variant) in enumerate(variants.items(), 1):
         _say(f"[{i}/{len(variants)}] {name} ({variant.kind}): first call (compiles its kernels if "
              "not cached) ...")
-        for n in args.n:
+        for n in sizes[variant.kind]:
             try:
                 obj = variant.build(n=n, d=args.d, dv=args.d, seed=0)
             except ValueError as exc:    # the configuration does not exist at this N (e.g. block size)
@@ -160,8 +174,8 @@ def _run(args, variants) -> int:
         print("\n".join(f"- {s}" for s in skipped))
     print(f"\n(total {time.perf_counter() - t_start:.1f} s)")
     if args.json:
-        bench.write_json(args.json, {"args": vars(args), "gemm_peak": peak, "rows": rows,
-                                     "skipped": skipped})
+        bench.write_json(args.json, {"args": vars(args), "sizes": sizes, "gemm_peak": peak,
+                                     "rows": rows, "skipped": skipped})
     return 0
 
 

@@ -106,6 +106,22 @@ def test_main_skips_a_configuration_that_does_not_exist_with_its_reason(capsys, 
     assert "Skipped" in out and "dense at N = 32: n must be a multiple of 64, got 32" in out
 
 
+def test_main_default_sizes_per_kind_and_n_sets_both(tmp_path, monkeypatch):
+    """Without --n, cores and layers run at their own default sizes (the header says which);
+    --n sets the sizes of every variant."""
+    import efficient_attention.__main__ as main_module
+    monkeypatch.setattr(main_module, "DEFAULT_SIZES", {"core": [16, 32], "layer": [16]})
+    path = tmp_path / "d.json"
+    args = ["--d", "8", "--heads", "1", "--repeat", "1", "--no-peak", "--variants", "dense", "fnet"]
+    assert main(args + ["--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["variant"], r["N"]) for r in rows] == [("dense", 16), ("dense", 32), ("fnet", 16)]
+    assert main(args + ["--n", "24", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["variant"], r["N"]) for r in rows] == [("dense", 24), ("fnet", 24)]
+    assert main_module.build_parser().parse_args([]).n is None
+
+
 def test_main_says_before_the_gemm_probe(capsys, monkeypatch):
     """The GEMM-peak probe takes seconds: a line on stderr comes before it starts."""
     seen = []
