@@ -3,7 +3,8 @@
 What it measures, and how:
 
 * **time**: the median of ``repeat`` runs after ``warmup`` runs (the first
-  numba call compiles, so it is never timed);
+  numba call compiles, so it is never timed; :func:`bench_core` and :func:`bench_layer`
+  warm up with forward+backward calls, which run every kernel either timing uses);
 * **peak memory**: the peak of traced allocations during one forward +
   backward (``tracemalloc`` sees every NumPy buffer; kernels write into
   buffers their NumPy wrappers allocate), and, for whole-process targets,
@@ -17,9 +18,17 @@ What it measures, and how:
   and faulted back in as fresh zeroed pages — see its docstring for why and what it costs;
 * **useful FLOPs** from ``core.cost()``, so that a run's fraction of the GEMM
   peak is comparable across variants;
-* **error** against the float64 dense oracle: the core's own ``reference``
-  when it has one (added tokens), else masked with its ``dense_mask`` (exact
-  variants) or unmasked (approximations: the error is the approximation's).
+* **error** of an exact variant against its float64 oracle (``err out``, ``err grad``):
+  the core's own ``reference`` when it has one (added tokens), else dense attention
+  masked with its ``dense_mask``; for a sequence layer, the same layer (same
+  parameters) evaluated in float64. These are numerical errors: about 1e-7 in
+  float32, 1e-15 in float64.
+* **approximation gap** of an approximate variant (``gap out``, ``gap grad``): its
+  distance from the exact softmax attention it stands in for (unmasked, or masked
+  like its ``reference_mask``, e.g. causal), in float64. It measures the
+  approximation on the benchmark's random inputs, not a numerical error, and is
+  often of order 1 there: exact attention over standard-normal q and k spreads each
+  query over hundreds of keys, so its output is small.
 
 Results are rows of dicts, printed as a Markdown table and optionally
 written as JSON.
@@ -49,6 +58,7 @@ __all__ = [
     "write_json",
     "rel_error",
     "bench_core",
+    "bench_layer",
     "random_qkv",
     "retain_freed_memory",
     "interleaved_rounds",
@@ -377,9 +387,13 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
     """Time one attention core's forward and forward+backward on random inputs.
 
     Returns a row: forward / backward times (ms, medians), GFLOP/s on the
-    useful FLOPs from ``core.cost``, peak traced memory (MB), and the relative
-    error of the output and of the gradients against the float64 dense oracle
-    on the first head (masked by ``core.dense_mask`` unless ``exact`` is False).
+    useful FLOPs from ``core.cost``, peak traced memory (MB) and, on the first head
+    (``check``), the output's and the gradients' relative distance from float64 dense
+    attention. For an exact core (``exact`` not False) that is its numerical error,
+    ``err out`` / ``err grad``, against dense attention masked by ``core.dense_mask``
+    (or the core's own ``reference``); for an approximation (``exact=False``) it is
+    the approximation gap, ``gap out`` / ``gap grad``, against the attention it
+    approximates (``core.reference_mask``). ``oracle`` names the comparison.
     ``times=(t_fwd, t_fwd_bwd)`` in seconds (e.g. from :func:`interleaved_times`) skips the
     timing.
     """
@@ -394,16 +408,80 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
         out, cache = core.forward(q, k, v)
         state["grads"] = core.backward(cache, dout)
 
+    row = _timed_row(fwd, fwd_bwd, n, core.cost(n, d, dv).scaled(heads),
+                     core.cost(n, d, dv, backward=True).scaled(heads), dtype, repeat, warmup,
+                     peak, times, check)
+    if check:
+        own = core.reference(q[:1], k[:1], v[:1], dout[:1])
+        if own is not None:                                   # the core's own oracle
+            ref, ref_grads, label = own[0][0], [g[0] for g in own[1:]], "reference"
+        else:
+            mask = core.dense_mask(n, n) if exact is not False else core.reference_mask(n, n)
+            ref, ref_grads = _oracle(q[0], k[0], v[0], dout[0], mask, getattr(core, "scale", None))
+            if exact is False:        # the approximation's gap from what it approximates
+                label = "full softmax" if mask is None else "masked softmax"
+            else:
+                label = "dense" if mask is None else "masked"
+        grads = state["grads"]
+        err_out = rel_error(state["out"][0], ref)
+        err_grad = max(rel_error(a[0], b) for a, b in zip((grads.dq, grads.dk, grads.dv), ref_grads[:3])
+                       if a is not None)
+        keys = ("gap out", "gap grad") if exact is False and own is None else ("err out", "err grad")
+        row.update({keys[0]: err_out, keys[1]: err_grad, "oracle": label})
+    return row
+
+
+def bench_layer(layer, n: int, d: int = 64, batch: int = 1, dtype=np.float32, repeat: int = 3,
+                warmup: int = 1, check: bool = True, seed: int = 0, peak: dict | None = None) -> dict:
+    """Time one sequence layer's forward and forward+backward on a random ``x``
+    ``(batch, N, D)`` and ``dy``, as :func:`bench_core` times a core.
+
+    GFLOP/s are on ``layer.cost``. With ``check``, ``err out`` / ``err grad`` are the
+    relative errors of ``y`` and of the gradients (``dx`` and every parameter's) against
+    the same layer with the same parameters evaluated in float64 on the same ``x`` and
+    ``dy`` (``oracle``: ``"layer in float64"``): a layer computes exactly what it
+    defines, so its float64 run is its oracle. In a float64 run that comparison would be
+    with itself, and the row has no error (``oracle``: ``"none in float64"``).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, n, d)).astype(dtype)
+    dy = rng.standard_normal((batch, n, d)).astype(dtype)
+    state = {}
+
+    def fwd():
+        state["y"] = layer(x)
+
+    def fwd_bwd():
+        y, cache = layer.forward(x)
+        state["y"], state["grads"] = y, layer.backward(cache, dy)
+
+    row = _timed_row(fwd, fwd_bwd, n, layer.cost(n, d).scaled(batch),
+                     layer.cost(n, d, backward=True).scaled(batch), dtype, repeat, warmup, peak,
+                     None, check)
+    if check and np.dtype(dtype) == np.float64:
+        row["oracle"] = "none in float64"
+    elif check:
+        y_ref, cache = layer.forward(x.astype(np.float64))
+        g_ref, g = layer.backward(cache, dy.astype(np.float64)), state["grads"]
+        errs = [rel_error(g.dx, g_ref.dx)] + [rel_error(g.params[p], g_ref.params[p]) for p in g_ref.params]
+        row.update({"err out": rel_error(state["y"], y_ref), "err grad": max(errs),
+                    "oracle": "layer in float64"})
+    return row
+
+
+def _timed_row(fwd, fwd_bwd, n, fwd_cost, bwd_cost, dtype, repeat, warmup, peak, times, check) -> dict:
+    """The timing columns of :func:`bench_core` and :func:`bench_layer` (``fwd_bwd`` has run
+    once when it returns, so the caller's state holds its outputs)."""
     if times is None:
-        t_fwd = median_time(fwd, repeat, warmup)
-        t_fb = median_time(fwd_bwd, repeat, warmup)
+        for _ in range(warmup):       # forward and backward: the first calls compile their kernels
+            fwd_bwd()
+        t_fwd = median_time(fwd, repeat, 0)
+        t_fb = median_time(fwd_bwd, repeat, 0)
     else:
         t_fwd, t_fb = times
         if check:
-            fwd_bwd()                                         # the outputs compared below
+            fwd_bwd()                                         # the outputs compared by the caller
             fwd()
-    fwd_cost = core.cost(n, d, dv).scaled(heads)
-    bwd_cost = core.cost(n, d, dv, backward=True).scaled(heads)
     row = {
         "N": n,
         "fwd ms": 1e3 * t_fwd,
@@ -414,23 +492,6 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
     }
     if peak is not None:
         row["% peak"] = 100 * row["fwd+bwd GFLOP/s"] / peak[np.dtype(dtype).name]
-    if check:
-        own = core.reference(q[:1], k[:1], v[:1], dout[:1])
-        if own is not None:                                   # the core's own oracle
-            ref, ref_grads, label = own[0][0], [g[0] for g in own[1:]], "reference"
-        else:
-            mask = core.dense_mask(n, n) if exact is not False else core.reference_mask(n, n)
-            ref, ref_grads = _oracle(q[0], k[0], v[0], dout[0], mask, getattr(core, "scale", None))
-            if exact is False:        # the error is the approximation's, against what it approximates
-                label = "approx. full" if mask is None else "approx. masked"
-            else:
-                label = "dense" if mask is None else "masked"
-        row["err out"] = rel_error(state["out"][0], ref)
-        grads = state["grads"]
-        errs = [rel_error(a[0], b) for a, b in zip((grads.dq, grads.dk, grads.dv), ref_grads[:3])
-                if a is not None]
-        row["err grad"] = max(errs)
-        row["oracle"] = label
     return row
 
 

@@ -44,6 +44,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .config import JIT_CONTRACT
+
 __all__ = ["exp_inplace", "exp_reference", "EXP_LOWER", "EXP_UPPER", "exp32", "exp32_shift_inplace",
            "exp32_reference", "EXP32_LOWER", "EXP32_UPPER", "exp_"]
 
@@ -60,7 +62,7 @@ _C = [1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64)) for k in range(14)]  
 (_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12, _C13) = _C
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+@njit(**JIT_CONTRACT)
 def exp_inplace(x, work, n):
     """``x[:n] = exp(x[:n])`` for a float64 buffer ``x``; ``work`` a float64
     buffer of at least ``n`` elements (overwritten)."""
@@ -126,7 +128,7 @@ _P32 = tuple(_F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
 (_P0, _P1, _P2, _P3, _P4, _P5) = _P32
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+@njit(**JIT_CONTRACT)
 def exp32(d):
     """``exp(d)`` of a float32 scalar (see the module notes): for loops that LLVM vectorises,
     where it is inlined (the elementwise form of :func:`exp32_shift_inplace`)."""
@@ -148,7 +150,7 @@ def exp32(d):
     return y if d == d else d                                 # NaN stays NaN
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+@njit(**JIT_CONTRACT)
 def exp32_shift_inplace(x, shift):
     """``x[:] = exp(x[:] - shift)`` for a 1-D float32 array ``x`` (any stride) and a scalar
     ``shift``; one pass, vectorised by LLVM (see the module notes)."""

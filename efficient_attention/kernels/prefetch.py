@@ -31,6 +31,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .config import CACHE, JIT_PLAIN
+
 __all__ = ["prefetch_range", "line_indices", "LINE_BYTES"]
 
 #: the cache-line size the hints are spaced by
@@ -64,13 +66,13 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT_PLAIN)
 def _bounds(n, itemsize, start, stop):
     """``(lo, hi, step)``: ``[start, stop)`` clamped to ``[0, n)``, one element per line."""
     return max(start, 0), min(stop, n), max(1, LINE_BYTES // itemsize)
 
 
-@njit(cache=True)
+@njit(**JIT_PLAIN)
 def line_indices(n, itemsize, start, stop):
     """The elements of a length-``n`` array of ``itemsize``-byte items that
     ``prefetch_range(x, start, stop)`` hints: one per line from the clamped start, and
@@ -87,7 +89,7 @@ def line_indices(n, itemsize, start, stop):
     return out
 
 
-@overload(prefetch_range, jit_options={"cache": True})
+@overload(prefetch_range, jit_options={"cache": CACHE})
 def _prefetch_range_jit(x, start, stop):
     if not isinstance(x, types.Array) or x.ndim != 1 or x.layout not in ("C", "F"):
         return None

@@ -44,7 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from .config import JIT_PARALLEL
+from .config import JIT_PARALLEL, JIT_PLAIN
 from .fastexp import exp_inplace
 
 __all__ = [
@@ -235,7 +235,7 @@ def _longest_row(ptr):
     return longest
 
 
-_longest_row_jit = njit(cache=True)(_longest_row)
+_longest_row_jit = njit(**JIT_PLAIN)(_longest_row)
 
 
 @njit(**JIT_PARALLEL)
