@@ -182,6 +182,7 @@ def test_step_reproduces_causal_forward(fmap, dtype):
     for t in range(15):
         out_t, state = core.step(state, q[..., t, :], k[..., t, :], v[..., t, :])
         assert out_t.shape == (2, 3, 5) and out_t.dtype == dtype
+        # two evaluations of the core in one dtype (no float64 reference in float32): fixed bound, no lowp
         assert_attention_close(out_t, ref[..., t, :], dtype, row_length=t + 1)
     assert isinstance(state, LinearState) and state.t == 15
     assert state.s.shape == (2, 3, core.feature_map.n_features(4), 5)
