@@ -155,9 +155,13 @@ def test_shared_core_object_params_listed_once_with_summed_gradient():
 def test_float32_input_computes_in_float32_and_grads_in_param_dtype():
     layer = MultiHeadAttention.init(n=8, d=8, seed=0)
     x = RNG.standard_normal((2, 8, 8))
-    y32, cache = layer.forward(x.astype(np.float32))
+    x32 = x.astype(np.float32)
+    y32, cache = layer.forward(x32)
     assert y32.dtype == np.float32
-    assert_attention_close(y32, layer(x), np.float32)
+    # the lowp rule: the textbook formula evaluated in float32 (inputs and weights), independent of the layer
+    lowp = _textbook(x32, *(w.astype(np.float32) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o)))
+    assert lowp.dtype == np.float32
+    assert_attention_close(y32, layer(x32.astype(np.float64)), np.float32, lowp=lowp)
     g = layer.backward(cache, np.ones_like(y32))
     assert g.dx.dtype == np.float32
     assert all(v.dtype == np.float64 for v in g.params.values())

@@ -55,6 +55,21 @@ def quadratic(fm, q, k, v, causal, eps, dout=None):
     return out, (dq, dk, dv)
 
 
+class FavorByDefinition:
+    """FAVOR+ positive features written out in the input's own dtype (no float64, no stabiliser):
+    φ(x) = exp(ωᵀx′ − ‖x′‖²/2)/√m, x′ = x·D^(-1/4); ``forward`` as a feature map's, for :func:`quadratic`
+    (forward only). The float32 tests' independent low-precision evaluation (the lowp rule)."""
+
+    def __init__(self, omega):
+        self.omega = np.asarray(omega)
+
+    def forward(self, x):
+        t = x.dtype.type
+        xp = x * t(x.shape[-1] ** -0.25)                                          # x′
+        h = xp @ self.omega.astype(x.dtype).T - (xp * xp).sum(-1, keepdims=True) / t(2)
+        return np.exp(h) * t(self.omega.shape[0] ** -0.5), None
+
+
 @pytest.mark.parametrize("method", ["scan", "chunked", "numpy"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("fmap", MAPS)
@@ -167,6 +182,7 @@ def test_step_reproduces_causal_forward(fmap, dtype):
     for t in range(15):
         out_t, state = core.step(state, q[..., t, :], k[..., t, :], v[..., t, :])
         assert out_t.shape == (2, 3, 5) and out_t.dtype == dtype
+        # two evaluations of the core in one dtype (no float64 reference in float32): fixed bound, no lowp
         assert_attention_close(out_t, ref[..., t, :], dtype, row_length=t + 1)
     assert isinstance(state, LinearState) and state.t == 15
     assert state.s.shape == (2, 3, core.feature_map.n_features(4), 5)
@@ -419,11 +435,17 @@ def test_performer_error_falls_as_m_grows():
 
 
 def test_float32_scan_close_to_float64_long_sequence():
-    q, k, v = _qkv((2,), 600, 8, seed=15)
+    q, k, v = (a.astype(np.float32) for a in _qkv((2,), 600, 8, seed=15))
     core = LinearAttention(_map("performer", 8, m=16), causal=True)
-    out64 = core(q, k, v)
-    out32 = core(*(a.astype(np.float32) for a in (q, k, v)))
-    assert_attention_close(out32, out64, np.float32, row_length=600)
+    out64 = core(*(a.astype(np.float64) for a in (q, k, v)))
+    out32 = core(q, k, v)
+    # the lowp rule: the quadratic form with the features written out, evaluated in float32
+    by_definition = FavorByDefinition(core.feature_map.omega)
+    lowp = quadratic(by_definition, q, k, v, True, core.eps)
+    assert lowp.dtype == np.float32
+    assert_attention_close(quadratic(by_definition, *(a.astype(np.float64) for a in (q, k, v)), True, core.eps),
+                           out64, np.float64)           # the same math: in float64 it is the core's result
+    assert_attention_close(out32, out64, np.float32, lowp=lowp, row_length=600)
 
 
 # ------------------------------------------------------------------ memory: O(N·d), no N×N

@@ -15,7 +15,7 @@ from efficient_attention import lowrank
 from efficient_attention.dense import DenseAttention
 from efficient_attention.lowrank import (CompressedAttention, LinformerAttention, compress,
                                          compress_backward, visible_counts)
-from efficient_attention.testing import assert_attention_close
+from efficient_attention.testing import assert_attention_close, assert_close_to_oracle, dense_oracle
 
 BATCHES = [(), (2,), (2, 3)]
 
@@ -25,7 +25,8 @@ def _rand(shape, seed, dtype=np.float64):
 
 
 # ------------------------------------------------------------------------------------------
-# direct formulas (float64)
+# direct formulas (float64; in float32 too, as the independent low-precision evaluation that
+# the float32 tests' lowp rule needs)
 # ------------------------------------------------------------------------------------------
 
 def _flat(x):
@@ -56,10 +57,10 @@ def naive_attention(q, kr, vr, scale, mask=None):
     return out, backward
 
 
-def naive_linformer(q, k, v, e, f, dout, scale=None):
-    q, k, v, e, dout = (np.asarray(a, np.float64) for a in (q, k, v, e, dout))
-    ff = e if f is None else np.asarray(f, np.float64)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+def naive_linformer(q, k, v, e, f, dout, scale=None, dtype=np.float64):
+    q, k, v, e, dout = (np.asarray(a, dtype) for a in (q, k, v, e, dout))
+    ff = e if f is None else np.asarray(f, dtype)
+    scale = q.dtype.type(q.shape[-1] ** -0.5 if scale is None else scale)
     kr = np.einsum("km,...md->...kd", e, k)
     vr = np.einsum("km,...mv->...kv", ff, v)
     out, bwd = naive_attention(q, kr, vr, scale)
@@ -76,7 +77,7 @@ def naive_compress(x, w, stride):
     """y_b = Σ_t x[b·stride + t] w[t] by loops, zeros past the end."""
     m, c = x.shape[-2], w.shape[0]
     kc = -(-m // stride)
-    y = np.zeros(x.shape[:-2] + (kc, w.shape[2]))
+    y = np.zeros(x.shape[:-2] + (kc, w.shape[2]), np.result_type(x, w))
     for b in range(kc):
         for t in range(c):
             j = b * stride + t
@@ -87,8 +88,8 @@ def naive_compress(x, w, stride):
 
 def naive_compress_backward(x, w, stride, dy):
     m, c = x.shape[-2], w.shape[0]
-    dx = np.zeros(x.shape)
-    dw = np.zeros(w.shape)
+    dx = np.zeros(x.shape, np.result_type(x, w, dy))
+    dw = np.zeros(w.shape, dx.dtype)
     for b in range(dy.shape[-2]):
         for t in range(c):
             j = b * stride + t
@@ -109,11 +110,11 @@ def naive_causal_mask(n, m, c, stride):
     return mask
 
 
-def naive_compressed(q, k, v, w_k, w_v, stride, causal, dout, scale=None):
-    q, k, v, w_k, w_v, dout = (np.asarray(a, np.float64) for a in (q, k, v, w_k, w_v, dout))
+def naive_compressed(q, k, v, w_k, w_v, stride, causal, dout, scale=None, dtype=np.float64):
+    q, k, v, w_k, w_v, dout = (np.asarray(a, dtype) for a in (q, k, v, w_k, w_v, dout))
     c = w_k.shape[0]
     stride = c if stride is None else stride
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = q.dtype.type(q.shape[-1] ** -0.5 if scale is None else scale)
     kr = naive_compress(k, w_k, stride)
     vr = naive_compress(v, w_v, stride)
     mask = naive_causal_mask(q.shape[-2], k.shape[-2], c, stride) if causal else None
@@ -125,19 +126,25 @@ def naive_compressed(q, k, v, w_k, w_v, stride, causal, dout, scale=None):
 
 
 def _check_against(core, naive_fn, q, k, v, dout, dtype):
+    """``core`` against ``naive_fn(float64)``; in float32 with the lowp rule, the lowp being
+    ``naive_fn(float32)``: the direct formula evaluated in float32 (inputs and parameters)."""
     out, cache = core.forward(q, k, v)
     grads = core.backward(cache, dout)
-    ref_out, ref_grads, ref_params = naive_fn()
+    ref_out, ref_grads, ref_params = naive_fn(np.float64)
+    low_out, low_grads, low_params = None, (None,) * 3, dict.fromkeys(ref_params)
+    if dtype == np.float32:
+        low_out, low_grads, low_params = naive_fn(np.float32)
+        assert all(a.dtype == np.float32 for a in (low_out, *low_grads, *low_params.values()))
     assert out.dtype == dtype
-    assert_attention_close(out, ref_out, dtype)
-    for name, a, b in zip("qkv", (grads.dq, grads.dk, grads.dv), ref_grads):
+    assert_attention_close(out, ref_out, dtype, lowp=low_out)
+    for name, a, b, low in zip("qkv", (grads.dq, grads.dk, grads.dv), ref_grads, low_grads):
         assert a.dtype == dtype
-        assert_attention_close(a, b, dtype, kind="grad", err_msg=f"d{name}")
+        assert_attention_close(a, b, dtype, lowp=low, kind="grad", err_msg=f"d{name}")
     assert set(grads.params) == set(ref_params) == set(core.params)
     for name, ref in ref_params.items():
         assert grads.params[name].dtype == core.params[name].dtype
-        assert_attention_close(grads.params[name].astype(np.float64), ref, dtype, kind="grad",
-                               row_length=q.shape[-2] * int(np.prod(q.shape[:-2])), err_msg=name)
+        assert_attention_close(grads.params[name].astype(np.float64), ref, dtype, lowp=low_params[name],
+                               kind="grad", row_length=q.shape[-2] * int(np.prod(q.shape[:-2])), err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,7 +160,7 @@ def test_linformer_matches_direct_formula(dtype, batch, shared, nm):
     d, dv, kp = 4, 3, 3
     core = LinformerAttention.init(m, kp, seed=1, shared=shared)
     q, k, v, dout = (_rand(batch + s, i, dtype) for i, s in enumerate([(n, d), (m, d), (m, dv), (n, dv)]))
-    _check_against(core, lambda: naive_linformer(q, k, v, core.e, core.f, dout), q, k, v, dout, dtype)
+    _check_against(core, lambda dt: naive_linformer(q, k, v, core.e, core.f, dout, dtype=dt), q, k, v, dout, dtype)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -174,6 +181,9 @@ def test_linformer_identity_projection_is_dense(dtype):
     for core in (LinformerAttention(eye, eye.copy()), LinformerAttention(eye)):
         out, cache = core.forward(q, k, v)
         g = core.backward(cache, dout)
+        if dtype == np.float32:     # the lowp rule: DenseAttention's own float32 result and the rounding scale
+            assert_close_to_oracle((out, g.dq, g.dk, g.dv), dense_oracle(q, k, v, dout), dtype)
+            continue
         ref, ref_cache = DenseAttention().forward(q.astype(np.float64), k.astype(np.float64),
                                                   v.astype(np.float64))
         rg = DenseAttention().backward(ref_cache, dout.astype(np.float64))
@@ -297,7 +307,7 @@ def test_compressed_matches_direct_formula(dtype, batch, causal, c, stride, m):
     n, d, dv = m, 3, 2
     core = CompressedAttention.init(d, dv, c, seed=4, stride=stride, causal=causal)
     q, k, v, dout = (_rand(batch + s, i, dtype) for i, s in enumerate([(n, d), (m, d), (m, dv), (n, dv)]))
-    _check_against(core, lambda: naive_compressed(q, k, v, core.w_k, core.w_v, stride, causal, dout),
+    _check_against(core, lambda dt: naive_compressed(q, k, v, core.w_k, core.w_v, stride, causal, dout, dtype=dt),
                    q, k, v, dout, dtype)
 
 
@@ -306,7 +316,7 @@ def test_compressed_cross_lengths(causal):
     """N != M works (queries from one sequence, keys from another)."""
     core = CompressedAttention.init(3, 2, 2, seed=0, causal=causal)
     q, k, v, dout = (_rand(s, i) for i, s in enumerate([(2, 4, 3), (2, 9, 3), (2, 9, 2), (2, 4, 2)]))
-    _check_against(core, lambda: naive_compressed(q, k, v, core.w_k, core.w_v, None, causal, dout),
+    _check_against(core, lambda dt: naive_compressed(q, k, v, core.w_k, core.w_v, None, causal, dout, dtype=dt),
                    q, k, v, dout, np.float64)
 
 
@@ -328,6 +338,9 @@ def test_compressed_identity_width_one_is_dense(dtype, causal):
     q, k, v, dout = (_rand((2, 3) + s, i, dtype) for i, s in enumerate([(n, d), (n, d), (n, dv), (n, dv)]))
     out, cache = core.forward(q, k, v)
     g = core.backward(cache, dout)
+    if dtype == np.float32:         # the lowp rule: DenseAttention's own float32 result and the rounding scale
+        assert_close_to_oracle((out, g.dq, g.dk, g.dv), dense_oracle(q, k, v, dout, causal=causal), dtype)
+        return
     oracle = DenseAttention(causal=causal)
     ref, rc = oracle.forward(*(a.astype(np.float64) for a in (q, k, v)))
     rg = oracle.backward(rc, dout.astype(np.float64))
@@ -476,7 +489,8 @@ def test_linformer_projection_blocks_match_direct_formula(shared, monkeypatch):
     out1, cache1 = core.forward(q, k, v)
     g1 = core.backward(cache1, dout)
     monkeypatch.setattr(lowrank, "PROJ_BLOCK", 3)
-    _check_against(core, lambda: naive_linformer(q, k, v, core.e, core.f, dout), q, k, v, dout, np.float64)
+    _check_against(core, lambda dt: naive_linformer(q, k, v, core.e, core.f, dout, dtype=dt), q, k, v, dout,
+                   np.float64)
     out3, cache3 = core.forward(q, k, v)
     g3 = core.backward(cache3, dout)
     np.testing.assert_allclose(out3, out1, rtol=1e-13)

@@ -10,7 +10,7 @@ from efficient_attention.bench import traced_peak
 from efficient_attention.dense import DenseAttention
 from efficient_attention.kernels import lsh as K
 from efficient_attention.lsh import LSHAttention, hash_buckets
-from efficient_attention.testing import assert_attention_close, float_arrays
+from efficient_attention.testing import assert_attention_close, dense_oracle, float_arrays
 
 
 def _data(shape_q, m=None, dv=3, seed=0, dtype=np.float64):
@@ -230,11 +230,18 @@ def test_batch_axes_are_independent_sequences():
 
 
 def test_float32_matches_float64():
-    q, k, v = _data((2, 64, 8), seed=14)
+    q, k, v = _data((2, 64, 8), seed=14, dtype=np.float32)
+    q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
     core = LSHAttention(8, n_hashes=2, chunk_size=8, shared_qk=False)
-    out32 = core(*(a.astype(np.float32) for a in (q, k, v)))
+    out32 = core(q, k, v)
     assert out32.dtype == np.float32
-    assert_attention_close(out32, core(q, k, v), np.float32)
+    # the lowp rule: the output is dense attention over the pattern (the same buckets in both precisions),
+    # DenseAttention over it in float32 is an independent low-precision evaluation
+    pattern = np.stack([core.pattern(q[b], k[b]).toarray() for b in range(2)])
+    np.testing.assert_array_equal(pattern, np.stack([core.pattern(q64[b], k64[b]).toarray() for b in range(2)]))
+    oracle = dense_oracle(q, k, v, mask=pattern, scale=core.scale)
+    assert_attention_close(out32, core(q64, k64, v64), np.float32, lowp=oracle.lowp[0],
+                           magnitude=oracle.magnitude[0])
 
 
 # ------------------------------------------------------------------ gradients
@@ -359,14 +366,23 @@ def test_float32_kernels_match_the_float64_reference(shared, causal, py):
     ref_out, ref_lse = K.bucket_forward_reference(*(a.astype(np.float64) for a in (q32, k32, v32)),
                                                   lay, **kw)
     assert out.dtype == np.float32
-    assert_attention_close(out, ref_out, np.float32)
     dout = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
     got = K.bucket_backward(q32, k32, v32, dout, out, lse, lay, kernel=bk, **kw)
     ref = K.bucket_backward_reference(*(a.astype(np.float64) for a in (q32, k32, v32, dout)),
                                       ref_out, ref_lse, lay, **kw)
-    for a, b in zip(got, ref):
+    # the lowp rule: the rounds combine to dense attention over the pairs some round allows, and
+    # DenseAttention over that mask in float32 is an independent low-precision evaluation
+    mask = np.zeros((q.shape[0], q.shape[1], k.shape[1]), bool)
+    for b in range(q.shape[0]):
+        rows, cols = K.layout_pairs(lay, b, causal=causal, shared=shared, across=False)
+        mask[b, rows, cols] = True
+    oracle = dense_oracle(q32, k32, v32, dout, mask=mask, scale=0.7)
+    for want, ref64 in zip(oracle.expected, (ref_out,) + tuple(ref)):
+        assert_attention_close(want, ref64, np.float64)          # the same math as the NumPy reference
+    assert_attention_close(out, ref_out, np.float32, lowp=oracle.lowp[0], magnitude=oracle.magnitude[0])
+    for a, b, lowp, mag in zip(got, ref, oracle.lowp[1:], oracle.magnitude[1:]):
         assert a.dtype == np.float32
-        assert_attention_close(a, b, np.float32, kind="grad")
+        assert_attention_close(a, b, np.float32, lowp=lowp, magnitude=mag, kind="grad")
 
 
 def test_sort_layout_is_a_stable_bucket_sort():

@@ -96,15 +96,21 @@ def _mixer(n, dh, seed=0):
                           rng.standard_normal((dh, n)), rng.standard_normal(n))
 
 
+def _gelu_direct(a):
+    """gelu by math.erf, one entry at a time, each value rounded to a's dtype."""
+    return np.array([0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in a.tolist()], dtype=a.dtype)
+
+
 def _mixer_direct(layer, x):
-    """Per channel c: y[:, c] = W2ᵀ gelu(W1ᵀ x[:, c] + b1) + b2, with math.erf."""
+    """Per channel c: y[:, c] = W2ᵀ gelu(W1ᵀ x[:, c] + b1) + b2, with math.erf; in x's dtype
+    (the parameters cast to it: in float32, the lowp of the float32 test)."""
+    w1, b1, w2, b2 = (np.asarray(a).astype(x.dtype) for a in (layer.w1, layer.b1, layer.w2, layer.b2))
     y = np.zeros_like(x)
     for idx in np.ndindex(*x.shape[:-2]):
         for c in range(x.shape[-1]):
             col = x[idx + (slice(None), c)]
-            pre = layer.w1.T @ col + layer.b1
-            h = np.array([0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in pre])
-            y[idx + (slice(None), c)] = layer.w2.T @ h + layer.b2
+            h = _gelu_direct(w1.T @ col + b1)
+            y[idx + (slice(None), c)] = w2.T @ h + b2
     return y
 
 
@@ -205,15 +211,22 @@ def _gated(n, d, f, seed=0, causal=False):
                     rng.standard_normal((f, d)), rng.standard_normal(d), causal=causal)
 
 
+def _gated_direct(layer, x):
+    """gMLP block by the formula: SGU(gelu(x W_in + b_in)) W_out + b_out; in x's dtype (the
+    parameters cast to it: in float32, the lowp of the float32 test)."""
+    w_in, b_in, w, b, w_out, b_out = (np.asarray(a).astype(x.dtype) for a in (
+        layer.w_in, layer.b_in, layer.params["w"], layer.params["b"], layer.w_out, layer.b_out))
+    h = _gelu_direct((x @ w_in + b_in).ravel()).reshape(x.shape[:-1] + (-1,))
+    return _sgu_direct(w, b, h, layer.causal) @ w_out + b_out
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch", [(), (2,)])
 def test_gated_mlp_direct_formula(causal, batch):
     n, d, f = 6, 4, 3
     layer = _gated(n, d, f, causal=causal)
     x = RNG.standard_normal(batch + (n, d))
-    pre = x @ layer.w_in + layer.b_in
-    h = np.vectorize(lambda t: 0.5 * t * (1 + math.erf(t / math.sqrt(2))))(pre)
-    ref = _sgu_direct(layer.params["w"], layer.params["b"], h, causal) @ layer.w_out + layer.b_out
+    ref = _gated_direct(layer, x)
     y = layer(x)
     assert y.shape == x.shape
     assert_attention_close(y, ref, np.float64)
@@ -255,10 +268,12 @@ def test_gated_mlp_bad_input():
 def test_float32_and_init(cls):
     layer = cls.init(n=16, d=8, seed=2)
     assert all(p.dtype == np.float64 for p in layer.params.values())
-    x = RNG.standard_normal((2, 16, 8))
-    y32, cache = layer.forward(x.astype(np.float32))
+    x = RNG.standard_normal((2, 16, 8)).astype(np.float32)
+    y32, cache = layer.forward(x)
     assert y32.dtype == np.float32
-    assert_attention_close(y32, layer(x), np.float32, row_length=16)
+    lowp = (_mixer_direct if cls is TokenMixingMLP else _gated_direct)(layer, x)   # the formula in float32
+    assert lowp.dtype == np.float32
+    assert_attention_close(y32, layer(x.astype(np.float64)), np.float32, lowp=lowp, row_length=16)
     g = layer.backward(cache, np.ones_like(y32))
     assert g.dx.dtype == np.float32 and all(v.dtype == np.float64 for v in g.params.values())
 
@@ -296,6 +311,7 @@ def test_float32_values_and_grads_close_to_float64(name):
     y32, c32 = layer.forward(x.astype(np.float32))
     g64, g32 = layer.backward(c64, dy), layer.backward(c32, dy.astype(np.float32))
     scale = np.abs(y64).max()
+    # fixed bound, no lowp: no independent float32 forward and backward (dx, every parameter) for every layer
     assert_attention_close(y32 / scale, y64 / scale, np.float32, row_length=n * d)
     for key, ref in [("dx", g64.dx)] + list(g64.params.items()):
         got = g32.dx if key == "dx" else g32.params[key]

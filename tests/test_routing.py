@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from efficient_attention import gradcheck
 from efficient_attention.dense import DenseAttention
 from efficient_attention.routing import RoutingAttention, kmeans_update
-from efficient_attention.testing import assert_attention_close, float_arrays
+from efficient_attention.testing import assert_attention_close, dense_oracle, float_arrays
 
 
 def _data(batch, n, m, d=5, dv=3, seed=0):
@@ -108,9 +108,19 @@ def test_float32_and_batch_axes():
     out = core(q, k, v)
     assert out.shape == (2, 3, 16, 3)
     np.testing.assert_array_equal(out[1, 2], core(q[1, 2], k[1, 2], v[1, 2]))
-    out32 = core(*(a.astype(np.float32) for a in (q, k, v)))
+    q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+    out32 = core(q32, k32, v32)
     assert out32.dtype == np.float32
-    assert_attention_close(out32, out, np.float32)
+    # the lowp rule: the output is dense attention over the pattern (the same clusters in both precisions),
+    # DenseAttention over it in float32 is an independent low-precision evaluation
+    pattern = np.zeros(q.shape[:-1] + (k.shape[-2],), bool)
+    for b in np.ndindex(*q.shape[:-2]):
+        pattern[b] = core.pattern(q32[b], k32[b]).toarray()
+        np.testing.assert_array_equal(pattern[b], core.pattern(q32[b].astype(np.float64),
+                                                               k32[b].astype(np.float64)).toarray())
+    oracle = dense_oracle(q32, k32, v32, mask=pattern, scale=core.scale)
+    assert_attention_close(out32, core(*(a.astype(np.float64) for a in (q32, k32, v32))), np.float32,
+                           lowp=oracle.lowp[0], magnitude=oracle.magnitude[0])
 
 
 @settings(max_examples=20, deadline=None)

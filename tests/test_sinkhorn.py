@@ -67,6 +67,47 @@ def naive_sinkhorn(q, k, v, w, bs, n_iters, tau, causal=False, sortcut=None, noi
     return out, p
 
 
+def sinkhorn_in_dtype(q, k, v, w, bs, n_iters, tau, causal=False, sortcut=None, noise=None, scale=None):
+    """:func:`naive_sinkhorn`'s output vectorised over blocks and batch axes, in the inputs' own dtype
+    (``w`` and ``noise`` cast to it, no float64 anywhere): the float32 tests' independent
+    low-precision evaluation for the lowp rule."""
+    t = q.dtype.type
+    *batch, n, d = q.shape
+    nb, dv = n // bs, v.shape[-1]
+    scale = t(1 / math.sqrt(d) if scale is None else scale)
+    kb, vb = k.reshape(*batch, nb, bs, d), v.reshape(*batch, nb, bs, dv)
+    s = kb.sum(-2)                                                       # block summaries (..., nb, D)
+    if causal:                                                           # row c reads block c - 1
+        s = np.concatenate([np.zeros_like(s[..., :1, :]), s[..., :-1, :]], axis=-2)
+    r = s @ np.asarray(w).astype(q.dtype)                                # (..., nb, nb)
+    if noise is not None:
+        r = r + np.asarray(noise).astype(q.dtype)
+    allowed = np.tril(np.ones((nb, nb), bool), -1) if causal else np.ones((nb, nb), bool)
+    a = np.where(allowed, np.exp(r / t(tau)), t(0))
+    for _ in range(n_iters):
+        tot = a.sum(-1, keepdims=True)                                   # rows
+        a = a / np.where(tot > 0, tot, t(1))
+        tot = np.cumsum(a, axis=-2) if causal else a.sum(-2, keepdims=True)   # columns (causal: rows <= c)
+        a = a / np.where(tot > 0, tot, t(1))
+    ks = np.einsum("...cb,...btd->...ctd", a, kb)                        # sorted blocks (..., nb, bs, D)
+    vs = np.einsum("...cb,...btd->...ctd", a, vb)
+    if sortcut is None:                     # block c: its own keys (causal: j <= i), then sorted block c
+        keys, vals = np.concatenate([kb, ks], axis=-2), np.concatenate([vb, vs], axis=-2)
+        mask = np.ones((nb, bs, 2 * bs), bool)
+        if causal:
+            mask[:, :, :bs] = np.tril(np.ones((bs, bs), bool))
+            mask[0, :, bs:] = False
+        qs = q.reshape(*batch, nb, bs, d)
+    else:                                   # every query: the first sortcut sorted blocks
+        keys = ks[..., :sortcut, :, :].reshape(*batch, 1, sortcut * bs, d)
+        vals = vs[..., :sortcut, :, :].reshape(*batch, 1, sortcut * bs, dv)
+        mask = np.ones((1, n, sortcut * bs), bool)
+        qs = q.reshape(*batch, 1, n, d)
+    sc = np.where(mask, scale * qs @ np.swapaxes(keys, -1, -2), t(-np.inf))
+    e = np.exp(sc - sc.max(-1, keepdims=True))
+    return ((e / e.sum(-1, keepdims=True)) @ vals).reshape(*batch, n, dv)
+
+
 def _data(batch=(2,), nb=4, bs=3, d=5, dv=4, seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
     n = nb * bs
@@ -103,6 +144,10 @@ def test_forward_equals_naive_twin(cfg):
                                     core.sortcut, None if noise is None else noise[b], core.scale)
         assert_attention_close(out[b], ref, np.float64)
         np.testing.assert_allclose(p[b], p_ref, rtol=1e-12, atol=1e-14)
+        # the vectorised twin (the float32 tests' lowp) computes the same in float64
+        vec = sinkhorn_in_dtype(q[b], k[b], v[b], w, 3, core.n_iters, core.temperature, core.causal,
+                                core.sortcut, None if noise is None else noise[b], core.scale)
+        assert_attention_close(vec, ref, np.float64)
 
 
 def test_sort_matrix_shapes_single_and_batched():
@@ -160,12 +205,16 @@ def test_sinkhorn_backward_through_every_iteration():
 
 @pytest.mark.parametrize("cfg", [dict(), dict(causal=True), dict(sortcut=2), dict(seed=4)], ids=str)
 def test_float32_matches_float64(cfg):
-    q, k, v, w = _data()
+    q, k, v, w = _data(dtype=np.float32)
     core = SinkhornAttention(3, w, **cfg)
-    out64, c64 = core.forward(q, k, v)
-    out32, c32 = core.forward(*(a.astype(np.float32) for a in (q, k, v)))
+    out64, c64 = core.forward(*(a.astype(np.float64) for a in (q, k, v)))
+    out32, c32 = core.forward(q, k, v)
     assert out32.dtype == np.float32
-    assert_attention_close(out32, out64, np.float32)
+    # the lowp rule: the vectorised twin evaluated in float32 (inputs, w_sort and the core's float32 noise)
+    lowp = sinkhorn_in_dtype(q, k, v, w, 3, core.n_iters, core.temperature, core.causal, core.sortcut,
+                             core._noise(q.shape[:-2], np.float32), core.scale)
+    assert lowp.dtype == np.float32
+    assert_attention_close(out32, out64, np.float32, lowp=lowp)
     g = np.random.default_rng(2).standard_normal(out64.shape)
     g64 = core.backward(c64, g)
     g32 = core.backward(c32, g.astype(np.float32))

@@ -10,7 +10,8 @@ from efficient_attention import patterns as P
 from efficient_attention.core import AttentionCore
 from efficient_attention.kernels import sparse as K
 from efficient_attention.sparse import GlobalAttention, SparseAttention
-from efficient_attention.testing import assert_attention_close, batch_shapes, float_arrays
+from efficient_attention.testing import (Oracle, assert_attention_close, assert_close_to_oracle, batch_shapes,
+                                         dense_oracle, float_arrays)
 
 FEW = settings(max_examples=20, deadline=None)
 
@@ -37,12 +38,16 @@ def _compare(core, q, k, v, mask, dtype, seed=1):
     assert out.dtype == dtype
     dout = np.random.default_rng(seed).standard_normal(out.shape).astype(dtype)
     g = core.backward(cache, dout)
+    row = max(1, k.shape[-2])
+    assert all(a.dtype == dtype for a in g[:3])
+    if dtype == np.float32:     # the lowp rule: DenseAttention's own float32 result and the rounding scale
+        assert_close_to_oracle((out,) + tuple(g[:3]), dense_oracle(q, k, v, dout, mask=mask, scale=core.scale),
+                               dtype, row_length=row)
+        return out, g
     ref, gref = _dense_fwd_bwd(*(a.astype(np.float64) for a in (q, k, v, )), mask, dout.astype(np.float64),
                                scale=core.scale)
-    row = max(1, k.shape[-2])
     assert_attention_close(out, ref, dtype, row_length=row)
     for name, a, b in zip("qkv", g[:3], gref[:3]):
-        assert a.dtype == dtype
         assert_attention_close(a, b, dtype, row_length=row, kind="grad", err_msg=f"d{name}")
     return out, g
 
@@ -96,7 +101,10 @@ def test_full_pattern_equals_unmasked_dense(dtype):
     core = SparseAttention(sp.csr_array(np.ones((n, m), bool)))
     q, k, v = _qkv((3, n, 4), m, 2)
     out, g = _compare(core, q, k, v, None, dtype)
-    assert_attention_close(out, ea.DenseAttention()(q, k, v), dtype)
+    if dtype == np.float32:
+        assert_close_to_oracle((out,), dense_oracle(*(a.astype(dtype) for a in (q, k, v))), dtype)
+    else:
+        assert_attention_close(out, ea.DenseAttention()(q, k, v), dtype)
 
 
 def test_fully_masked_rows_give_zero_and_zero_gradient():
@@ -220,6 +228,11 @@ def _extended(core, q, k, v):
     return cat, core.extended_mask(q.shape[-2]), e
 
 
+def _rows(oracle, rows):
+    """An Oracle of the extended sequence restricted to the rows ``rows`` (axis -2) of every array."""
+    return Oracle(*(tuple(a[..., rows, :] for a in part) for part in oracle))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("idx, n_extra", [((), 1), ((0, 5), 2), ((3,), 3)])
 def test_global_extra_tokens_match_concatenated_oracle(dtype, idx, n_extra):
@@ -233,24 +246,42 @@ def test_global_extra_tokens_match_concatenated_oracle(dtype, idx, n_extra):
     out, cache = core.forward(q, k, v)
     oute, cachee = core.forward_extra(q, k, v)
     assert out.shape == (2, 3, n, dv) and oute.shape == (2, 3, n_extra, dv) and out.dtype == dtype
-    assert_attention_close(out, ref[..., e:, :], dtype)
-    assert_attention_close(oute, ref[..., :e, :], dtype)
+    lowp = dtype == np.float32     # the lowp rule: DenseAttention over the extended sequence in float32
+    if lowp:
+        oracle = dense_oracle(qc, kc, vc, mask=mask)
+        assert_close_to_oracle((out,), _rows(oracle, slice(e, None)), dtype)
+        assert_close_to_oracle((oute,), _rows(oracle, slice(None, e)), dtype)
+    else:
+        assert_attention_close(out, ref[..., e:, :], dtype)
+        assert_attention_close(oute, ref[..., :e, :], dtype)
     # backward of the originals' outputs, and of the extras' outputs, vs the concatenated oracle
     rng = np.random.default_rng(2)
+
+    def summed(full):                                                # an extra token's gradient: all batch axes
+        return full[..., :e, :].reshape((-1, e, full.shape[-1])).sum(0)
+
     for which, fwd_cache, rows in (("orig", cache, slice(e, None)), ("extra", cachee, slice(None, e))):
         dout_full = np.zeros(ref.shape)
         dout_part = rng.standard_normal(ref[..., rows, :].shape)
         dout_full[..., rows, :] = dout_part
-        gref = dense.backward(dcache, dout_full)
         g = (core.backward if which == "orig" else core.backward_extra)(fwd_cache, dout_part.astype(dtype))
-        for a, b, name in ((g.dq, gref.dq[..., e:, :], "dq"), (g.dk, gref.dk[..., e:, :], "dk"),
-                           (g.dv, gref.dv[..., e:, :], "dv")):
-            assert a.dtype == dtype
-            assert_attention_close(a, b, dtype, kind="grad", err_msg=f"{which} {name}")
-        for name, full in (("extra_q", gref.dq), ("extra_k", gref.dk), ("extra_v", gref.dv)):
-            expected = full[..., :e, :].reshape((-1, e, full.shape[-1])).sum(0)
-            assert g.params[name].dtype == np.float64                # the parameter's own dtype
-            assert_attention_close(g.params[name], expected, dtype, kind="grad", err_msg=f"{which} {name}")
+        assert all(a.dtype == dtype for a in g[:3])
+        if lowp:
+            oracle = dense_oracle(qc, kc, vc, dout_full.astype(dtype), mask=mask)
+            assert_close_to_oracle((out,) + tuple(g[:3]), _rows(oracle, slice(e, None)), dtype, err_msg=which)
+            for i, name in ((1, "extra_q"), (2, "extra_k"), (3, "extra_v")):
+                assert g.params[name].dtype == np.float64            # the parameter's own dtype
+                assert_attention_close(g.params[name], summed(oracle.expected[i]), dtype,
+                                       lowp=summed(oracle.lowp[i]), magnitude=summed(oracle.magnitude[i]),
+                                       kind="grad", err_msg=f"{which} {name}")
+        else:
+            gref = dense.backward(dcache, dout_full)
+            for a, b, name in ((g.dq, gref.dq[..., e:, :], "dq"), (g.dk, gref.dk[..., e:, :], "dk"),
+                               (g.dv, gref.dv[..., e:, :], "dv")):
+                assert_attention_close(a, b, dtype, kind="grad", err_msg=f"{which} {name}")
+            for name, full in (("extra_q", gref.dq), ("extra_k", gref.dk), ("extra_v", gref.dv)):
+                assert g.params[name].dtype == np.float64            # the parameter's own dtype
+                assert_attention_close(g.params[name], summed(full), dtype, kind="grad", err_msg=f"{which} {name}")
         if which == "orig":
             assert not g.params["extra_q"].any()                     # originals do not use extra queries
 

@@ -28,15 +28,17 @@ def _build(kind, n, d, seed=0, causal=False):
 
 
 def _direct(layer, x):
-    """softmax(B + mask)·(x·W_v) written out with scipy's softmax and an explicit loop over rows."""
+    """softmax(B + mask)·(x·W_v) written out with scipy's softmax and an explicit loop over rows,
+    in x's dtype (the parameters cast to it: in float32, the lowp of the float32 test)."""
     n = x.shape[-2]
+    p = {name: np.asarray(getattr(layer, name)).astype(x.dtype) for name in layer.params}
     if isinstance(layer, DenseSynthesizer):
-        logits = np.maximum(x @ layer.w1 + layer.b1, 0) @ layer.w2 + layer.b2
+        logits = np.maximum(x @ p["w1"] + p["b1"], 0) @ p["w2"] + p["b2"]
     elif isinstance(layer, RandomSynthesizer):
-        logits = np.broadcast_to(layer.r, x.shape[:-2] + (n, n))
+        logits = np.broadcast_to(p["r"], x.shape[:-2] + (n, n))
     else:
-        logits = np.broadcast_to(layer.r1 @ layer.r2.T, x.shape[:-2] + (n, n))
-    vals = x @ layer.w_v
+        logits = np.broadcast_to(p["r1"] @ p["r2"].T, x.shape[:-2] + (n, n))
+    vals = x @ p["w_v"]
     y = np.zeros_like(x)
     for i in range(n):
         stop = i + 1 if layer.causal else n
@@ -133,10 +135,12 @@ def test_non_causal_reads_the_future(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_float32(kind):
     layer = _build(kind, 16, 8)
-    x = RNG.standard_normal((2, 16, 8))
-    y32, cache = layer.forward(x.astype(np.float32))
+    x = RNG.standard_normal((2, 16, 8)).astype(np.float32)
+    y32, cache = layer.forward(x)
     assert y32.dtype == np.float32
-    assert_attention_close(y32, layer(x), np.float32, row_length=16)
+    lowp = _direct(layer, x)                  # the lowp rule: the direct formula evaluated in float32
+    assert lowp.dtype == np.float32
+    assert_attention_close(y32, layer(x.astype(np.float64)), np.float32, lowp=lowp, row_length=16)
     g = layer.backward(cache, np.ones_like(y32))
     assert g.dx.dtype == np.float32 and all(v.dtype == np.float64 for v in g.params.values())
 
