@@ -36,7 +36,7 @@ import numpy as np
 from .core import AttentionCore, Cost, Grads
 from .softmax import probs_from_lse, softmax_lse
 from .validate import (check_bool, check_cache, check_dout, check_mask, check_qkv, check_scale,
-                       resolve_scale)
+                       resolve_scale, finite_policy)
 
 __all__ = ["DenseAttention", "causal_mask"]
 
@@ -120,6 +120,7 @@ class DenseAttention(AttentionCore):
     def _config(self):
         return {"causal": self.causal, "scale": self.scale}
 
+    @finite_policy
     def forward(self, q, k, v, mask=None, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         n, m = q.shape[-2], k.shape[-2]
@@ -131,6 +132,7 @@ class DenseAttention(AttentionCore):
         scale = resolve_scale(self.scale, q.shape[-1])
         return _forward(q, k, v, mask, scale)
 
+    @finite_policy
     def backward(self, cache: _DenseCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _DenseCache, "DenseAttention")
         dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)

@@ -66,7 +66,7 @@ from .kernels import elu as _elu
 from .kernels import favor as _favor
 from .kernels.fastexp import exp_
 from .validate import (as_float_array, check_cache, check_dout, check_finite_array, check_int,
-                       check_real)
+                       check_real, finite_policy)
 
 __all__ = ["FeatureMap", "EluFeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap"]
 
@@ -166,6 +166,7 @@ class EluFeatureMap(FeatureMap):
     def n_features(self, d):
         return int(d)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = _check_x(x)
         if check_finite:
@@ -184,6 +185,7 @@ class EluFeatureMap(FeatureMap):
             phi = np.where(x > 0, x + 1, exp_(np.minimum(x, 0)))   # elu(x) + 1   (..., N, D)
         return phi, _EluCache(phi)
 
+    @finite_policy
     def backward(self, cache: _EluCache, dphi, *, check_finite: bool = True):
         check_cache(cache, _EluCache, "EluFeatureMap")
         dphi = check_dout(dphi, cache.phi.shape, None, "dphi", check_finite=check_finite)
@@ -327,6 +329,7 @@ class PerformerFeatureMap(FeatureMap):
         m = self.omega.shape[0]
         return x.dtype.type((2 * m if self.kind == "hyperbolic" else m) ** -0.5)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         """Exact features ``φ(x)`` ``(..., N, F)`` (no stabiliser)."""
         return self._forward(x, None, check_finite)[::2]
@@ -406,6 +409,7 @@ class PerformerFeatureMap(FeatureMap):
     def _stable(self, x, shift):
         return self._forward(x, shift)
 
+    @finite_policy
     def backward(self, cache: _PerformerCache, dphi, *, check_finite: bool = True):
         """``dx = D^(-1/4)·(dh·ω − (Σ_r dh_r)·x′)`` with ``dh = dφ ⊙ φ`` (hyperbolic: the two
         halves of ``dh`` enter ``ω`` with opposite signs), by blocks of ``ROW_BLOCK`` rows."""
@@ -514,6 +518,7 @@ class RandomFourierFeatureMap(FeatureMap):
     def __repr__(self):
         return f"RandomFourierFeatureMap(omega=<{self.omega.shape[0]}x{self.omega.shape[1]}>)"
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = _check_x(x)
         self.check_width(x.shape[-1])
@@ -538,6 +543,7 @@ class RandomFourierFeatureMap(FeatureMap):
         phi = np.concatenate([s, c], axis=-1) * scale                          # (..., N, 2m)
         return phi, _RffCache(xhat, norm, s, c, omega)
 
+    @finite_policy
     def backward(self, cache: _RffCache, dphi, *, check_finite: bool = True):
         check_cache(cache, _RffCache, "RandomFourierFeatureMap")
         dphi = check_dout(dphi, cache.sin.shape[:-1] + (2 * cache.omega.shape[0],), None, "dphi",

@@ -54,7 +54,8 @@ import numpy as np
 
 from .core import AttentionCore, Cost, LayerGrads, SequenceLayer
 from .dense import DenseAttention
-from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_x
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_x,
+                       finite_policy)
 
 __all__ = ["MultiHeadAttention", "longformer_heads", "bigbird_heads"]
 
@@ -263,6 +264,7 @@ class MultiHeadAttention(SequenceLayer):
         return np.concatenate([self.w_q.reshape(d, -1), self.w_k.reshape(d, -1),
                                self.w_v.reshape(d, -1)], axis=1).astype(dtype, copy=False)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, d=self.d, check_finite=check_finite)            # the cores do not check again
         dtype = x.dtype
@@ -287,6 +289,7 @@ class MultiHeadAttention(SequenceLayer):
         y = right_matmul(o, self.w_o.reshape(-1, self.d).astype(dtype, copy=False))   # Y = Σ_h O_h Wo_h  (..., N, D)
         return y, _MHACache(x, o, caches, self.batched, y.shape, dtype)
 
+    @finite_policy
     def backward(self, cache: _MHACache, dy, *, check_finite: bool = True) -> LayerGrads:
         check_cache(cache, _MHACache, "MultiHeadAttention")
         dy = check_dout(dy, cache.y_shape, cache.dtype, name="dy", check_finite=check_finite)

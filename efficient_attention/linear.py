@@ -73,7 +73,7 @@ from .feature_maps import (EluFeatureMap, FeatureMap, PerformerFeatureMap,
 from .kernels import linear as _kernels
 from .softmax import softmax, softmax_backward
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
-                       check_int, check_qkv, check_real)
+                       check_int, check_qkv, check_real, finite_policy)
 
 __all__ = ["LinearAttention", "LinearState", "EfficientAttention"]
 
@@ -263,6 +263,7 @@ class LinearAttention(AttentionCore):
                              f"got {phi.shape}")
         return phi.astype(x.dtype, copy=False), log_scale, cache
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         n, m = q.shape[-2], k.shape[-2]
@@ -282,6 +283,7 @@ class LinearAttention(AttentionCore):
     def _method(self):
         return "scan" if self.method == "auto" else self.method
 
+    @finite_policy
     def backward(self, cache: _LinearCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _LinearCache, "LinearAttention")
         dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
@@ -303,6 +305,7 @@ class LinearAttention(AttentionCore):
         return Grads(dq, dk, dv, {})
 
     # ------------------------------------------------------------------ the RNN view
+    @finite_policy
     def step(self, state, q_t, k_t, v_t, *, check_finite: bool = True):
         r"""Decode one token: ``(out_t, state)`` with ``out_t (..., Dv)``.
 
@@ -393,6 +396,7 @@ class EfficientAttention(AttentionCore):
     ``dV = ρ_k dctx``, then the two softmax backwards.
     """
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         rq = softmax(q)                                             # over features     (..., N, D)
@@ -401,6 +405,7 @@ class EfficientAttention(AttentionCore):
         out = rq @ ctx                                              # (..., N, Dv)
         return out, _EfficientCache(rq, rk, v, ctx, out)
 
+    @finite_policy
     def backward(self, cache: _EfficientCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _EfficientCache, "EfficientAttention")
         dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)

@@ -90,7 +90,7 @@ import numpy as np
 from .core import AttentionCore, Cost, Grads
 from .kernels import band
 from .validate import (check_bool, check_cache, check_dout, check_int, check_qkv, check_scale,
-                       resolve_scale)
+                       resolve_scale, finite_policy)
 
 __all__ = ["LocalAttention", "StridedAttention", "local_mask", "strided_mask", "band_pairs"]
 
@@ -325,9 +325,14 @@ def _run(waves, work, threads: int) -> None:
     if not _BLAS:
         from threadpoolctl import ThreadpoolController
         _BLAS.append(ThreadpoolController())
+    errors = np.geterr()                    # the caller's floating-point error state, in every worker
+
+    def in_worker(item):
+        with np.errstate(**errors):
+            work(*item)
     with _BLAS[0].limit(limits=1, user_api="blas"):
         for wave in waves:
-            for _ in _pool(threads).map(lambda item: work(*item), wave):   # re-raises errors
+            for _ in _pool(threads).map(in_worker, wave):   # re-raises errors
                 pass
 
 
@@ -514,10 +519,12 @@ class LocalAttention(_BandedAttention):
     def _config(self):
         return {"window": self.window, "causal": self.causal, "scale": self.scale}
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
         return self._banded_forward(q, k, v, check_finite)
 
+    @finite_policy
     def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
         """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
         return self._banded_backward(cache, dout, check_finite)
@@ -568,10 +575,12 @@ class StridedAttention(_BandedAttention):
     def _config(self):
         return {"stride": self.stride, "window": self.window, "causal": self.causal, "scale": self.scale}
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
         return self._banded_forward(q, k, v, check_finite)
 
+    @finite_policy
     def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
         """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
         return self._banded_backward(cache, dout, check_finite)

@@ -67,7 +67,7 @@ from .dense import _DenseCache
 from .dense import _backward as _dense_backward
 from .dense import _forward as _dense_forward
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
-                       check_scale, resolve_scale)
+                       check_scale, resolve_scale, finite_policy)
 
 __all__ = ["LinformerAttention", "CompressedAttention", "compress", "compress_backward", "n_compressed",
            "visible_counts"]
@@ -323,6 +323,7 @@ class LinformerAttention(AttentionCore):
     def _config(self):
         return {"e": self.e.shape, "f": None if self.f is None else self.f.shape, "scale": self.scale}
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         m = k.shape[-2]
@@ -334,6 +335,7 @@ class LinformerAttention(AttentionCore):
         f = None if self.f is None else self.f.astype(q.dtype, copy=False)
         return _linformer_forward(q, k, v, e, f, resolve_scale(self.scale, q.shape[-1]))
 
+    @finite_policy
     def backward(self, cache: _LinformerCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _LinformerCache, "LinformerAttention")
         dout = check_dout(dout, cache.attend.out.shape, cache.attend.out.dtype, check_finite=check_finite)
@@ -560,6 +562,7 @@ class CompressedAttention(AttentionCore):
         return {"w_k": self.w_k.shape, "w_v": self.w_v.shape, "stride": self.stride,
                 "causal": self.causal, "scale": self.scale}
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         d, dv, m = k.shape[-1], v.shape[-1], k.shape[-2]
@@ -577,6 +580,7 @@ class CompressedAttention(AttentionCore):
         return _compressed_forward(q, k, v, w_k, w_v, self.step,
                                    resolve_scale(self.scale, q.shape[-1]), self.causal)
 
+    @finite_policy
     def backward(self, cache: _CompressedCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _CompressedCache, "CompressedAttention")
         dout = check_dout(dout, cache.attend.out.shape, cache.attend.out.dtype, check_finite=check_finite)

@@ -90,7 +90,7 @@ import scipy.sparse as sp
 from .core import AttentionCore, Cost, Grads
 from .kernels import lsh as _k
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
-                       check_scale, resolve_scale)
+                       check_scale, resolve_scale, finite_policy)
 
 __all__ = ["LSHAttention", "hash_buckets", "chapter_figures"]
 
@@ -297,6 +297,7 @@ class LSHAttention(AttentionCore):
         return pat
 
     # ------------------------------------------------------------------ forward / backward
+    @finite_policy
     def forward(self, q, k=None, v=None, *, check_finite: bool = True):
         """``out (..., N, Dv)`` and the cache; ``k`` must be None for shared QK
         (``forward(q, None, v)`` or ``forward(q, v=v)``)."""
@@ -331,6 +332,7 @@ class LSHAttention(AttentionCore):
     def __call__(self, q, k=None, v=None, **kwargs):
         return self.forward(q, k, v, **kwargs)[0]
 
+    @finite_policy
     def backward(self, cache: _LSHCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _LSHCache, "LSHAttention")
         dout = check_dout(dout, cache.batch + cache.out.shape[-2:], cache.out.dtype,

@@ -74,7 +74,8 @@ from scipy.special import erf
 
 from .core import Cost, LayerGrads, SequenceLayer
 from .layers import left_matmul, right_matmul
-from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_real, check_x
+from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_real, check_x,
+                       finite_policy)
 
 __all__ = ["FourierMixer", "TokenMixingMLP", "SpatialGatingUnit", "GatedMLP", "gelu", "gelu_backward"]
 
@@ -162,12 +163,14 @@ class FourierMixer(SequenceLayer):
             raise TypeError(f"FourierMixer.init takes no options, got {sorted(_unused)}")
         return cls()
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, check_finite=check_finite)
         if 0 in x.shape[-2:]:
             raise ValueError(f"x must have N >= 1 tokens and D >= 1 channels for the DFT, got shape {x.shape}")
         return _re_fft2(x), _FourierCache(x.shape, x.dtype)
 
+    @finite_policy
     def backward(self, cache: _FourierCache, dy, *, check_finite: bool = True) -> LayerGrads:
         shape, dtype = check_cache(cache, _FourierCache, "FourierMixer")
         dy = check_dout(dy, shape, dtype, name="dy", check_finite=check_finite)
@@ -229,6 +232,7 @@ class TokenMixingMLP(SequenceLayer):
         dtype = np.dtype(dtype)
         return cls(w1.astype(dtype), np.zeros(dh, dtype), w2.astype(dtype), np.zeros(n, dtype))
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, n=self.n, check_finite=check_finite)
         w1, b1, w2, b2 = (p.astype(x.dtype, copy=False) for p in self.params.values())
@@ -236,6 +240,7 @@ class TokenMixingMLP(SequenceLayer):
         y = left_matmul(w2.T, gelu(pre)) + b2[:, None]                        # Y = W2ᵀ gelu(A) + b2 (..., N, D)
         return y, _MixerCache(x, pre)
 
+    @finite_policy
     def backward(self, cache: _MixerCache, dy, *, check_finite: bool = True) -> LayerGrads:
         x, pre = check_cache(cache, _MixerCache, "TokenMixingMLP")
         dy = check_dout(dy, x.shape, x.dtype, name="dy", check_finite=check_finite)
@@ -324,6 +329,7 @@ class SpatialGatingUnit(SequenceLayer):
         w = self.w.astype(dtype, copy=False)
         return np.tril(w) if self.causal else w
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, n=self.n, check_finite=check_finite)
         d = x.shape[-1]
@@ -337,6 +343,7 @@ class SpatialGatingUnit(SequenceLayer):
         gate = left_matmul(self._w(x.dtype), zn) + self.b.astype(x.dtype, copy=False)[:, None]  # G = W LN(Z) + b
         return u * gate, _SGUCache(u, zn, inv, gate, x.shape, x.dtype)   # Y = U ⊙ G   (..., N, F)
 
+    @finite_policy
     def backward(self, cache: _SGUCache, dy, *, check_finite: bool = True) -> LayerGrads:
         u, zn, inv, gate, x_shape, dtype = check_cache(cache, _SGUCache, "SpatialGatingUnit")
         dy = check_dout(dy, u.shape, dtype, name="dy", check_finite=check_finite)
@@ -428,6 +435,7 @@ class GatedMLP(SequenceLayer):
         return cls(w_in.astype(dtype), np.zeros(2 * f, dtype), sgu.w.astype(dtype), sgu.b.astype(dtype),
                    w_out.astype(dtype), np.zeros(d, dtype), causal=causal, eps=eps)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = check_x(x, d=self.d, n=self.n, check_finite=check_finite)
         dt = x.dtype
@@ -436,6 +444,7 @@ class GatedMLP(SequenceLayer):
         y = right_matmul(s, self.w_out.astype(dt, copy=False)) + self.b_out.astype(dt, copy=False)   # Y (..., N, D)
         return y, _GatedCache(x, pre, s, sgu_cache)
 
+    @finite_policy
     def backward(self, cache: _GatedCache, dy, *, check_finite: bool = True) -> LayerGrads:
         x, pre, s, sgu_cache = check_cache(cache, _GatedCache, "GatedMLP")
         dy = check_dout(dy, x.shape, x.dtype, name="dy", check_finite=check_finite)

@@ -49,7 +49,7 @@ import scipy.sparse as sp
 from .core import AttentionCore, Cost, Grads
 from .kernels import lsh as _k
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
-                       check_real, check_scale, resolve_scale)
+                       check_real, check_scale, resolve_scale, finite_policy)
 
 __all__ = ["RoutingAttention", "kmeans_update"]
 
@@ -233,6 +233,7 @@ class RoutingAttention(AttentionCore):
         return pat
 
     # ------------------------------------------------------------------ forward / backward
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         _check_centroids(self.centroids, q.shape[-1])
@@ -248,6 +249,7 @@ class RoutingAttention(AttentionCore):
         cache = _RoutingCache(q3, k3, v3, out, lse, route, batch, scale)
         return out.reshape(batch + out.shape[-2:]), cache
 
+    @finite_policy
     def backward(self, cache: _RoutingCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _RoutingCache, "RoutingAttention")
         dout = check_dout(dout, cache.batch + cache.out.shape[-2:], cache.out.dtype,

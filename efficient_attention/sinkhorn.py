@@ -125,7 +125,7 @@ from .dense import _backward as _attention_backward
 from .dense import _forward as _attention_forward
 from .softmax import logsumexp
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
-                       check_int, check_qkv, check_real, check_scale, resolve_scale)
+                       check_int, check_qkv, check_real, check_scale, resolve_scale, finite_policy)
 
 __all__ = ["SinkhornAttention", "sinkhorn", "sinkhorn_backward", "block_mask", "PartnerTask",
            "partner_task", "train_partner_task", "plot_sort_matrix"]
@@ -533,6 +533,7 @@ class SinkhornAttention(AttentionCore):
         log_r = _log_logits(s, w, self.temperature, self.causal, self._noise(k.shape[:-2], k.dtype))
         return _sinkhorn_fast(log_r, self.n_iters, self.causal)[0]
 
+    @finite_policy
     def sort_matrix(self, k, *, check_finite: bool = True) -> np.ndarray:
         """The soft permutation ``P`` for keys ``k``: ``(N, D) -> (n_b, n_b)``,
         ``(..., N, D) -> (..., n_b, n_b)`` (with this core's noise, if any); ``check_finite``
@@ -545,6 +546,7 @@ class SinkhornAttention(AttentionCore):
         self._check_k(k)
         return np.exp(self._log_p(k))
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         if k.shape[-2] != q.shape[-2]:
@@ -557,6 +559,7 @@ class SinkhornAttention(AttentionCore):
                               self.sortcut, self._noise(q.shape[:-2], q.dtype), scale)
         return out, cache._replace(w_dtype=self.w_sort.dtype)
 
+    @finite_policy
     def backward(self, cache: _SinkhornCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _SinkhornCache, "SinkhornAttention")
         out_shape = cache.q_shape[:-1] + (cache.v_shape[-1],)

@@ -54,7 +54,7 @@ from .core import AttentionCore, Cost, Grads
 from .dense import DenseAttention
 from .kernels import sparse as _k
 from .validate import (as_float_array, check_cache, check_csr, check_dout, check_int, check_qkv,
-                       check_scale, resolve_scale)
+                       check_scale, resolve_scale, finite_policy)
 
 __all__ = ["SparseAttention", "GlobalAttention"]
 
@@ -181,6 +181,7 @@ class SparseAttention(AttentionCore):
         return {"pattern": f"<{'per-head ' if self.per_head else ''}pattern {shape}, nnz {sum(self._index.nnz)}>",
                 "scale": self.scale}
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         if (q.shape[-2], k.shape[-2]) != (self.n, self.m):
@@ -191,6 +192,7 @@ class SparseAttention(AttentionCore):
                              f"head), got q {q.shape}")
         return _forward(q, k, v, self._index, resolve_scale(self.scale, q.shape[-1]))
 
+    @finite_policy
     def backward(self, cache: _SparseCache, dout, *, check_finite: bool = True) -> Grads:
         check_cache(cache, _SparseCache, "SparseAttention")
         dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
@@ -325,6 +327,7 @@ class GlobalAttention(AttentionCore):
     def _dense(self, q):
         return DenseAttention(scale=resolve_scale(self.scale, q.shape[-1]))
 
+    @finite_policy
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = self._check(q, k, v, check_finite)
         n, g = q.shape[-2], self.indices
@@ -349,6 +352,7 @@ class GlobalAttention(AttentionCore):
             parts.append(("global", g, c))
         return out, _GlobalCache(tuple(parts), (q.shape, k.shape, v.shape), out.shape, q.dtype)
 
+    @finite_policy
     def forward_extra(self, q, k, v, *, check_finite: bool = True):
         """The added tokens' outputs ``(..., E, Dv)`` (they attend to all ``E + N`` keys) and a cache
         for :meth:`backward_extra`."""
@@ -391,9 +395,11 @@ class GlobalAttention(AttentionCore):
                 params[name] = grad.reshape((-1,) + p.shape).sum(0).astype(p.dtype, copy=False)
         return Grads(dq, dk, dv, params)
 
+    @finite_policy
     def backward(self, cache: _GlobalCache, dout, *, check_finite: bool = True) -> Grads:
         return self._backward(cache, dout, "dout", check_finite)
 
+    @finite_policy
     def backward_extra(self, cache: _GlobalCache, dout_extra, *, check_finite: bool = True) -> Grads:
         """Gradients of ``sum(forward_extra(q, k, v)[0] * dout_extra)`` (``extra_q`` included)."""
         return self._backward(cache, dout_extra, "dout_extra", check_finite)

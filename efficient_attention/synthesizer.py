@@ -59,7 +59,7 @@ from .core import Cost, LayerGrads, SequenceLayer
 from .dense import causal_mask
 from .layers import left_matmul, right_matmul
 from .softmax import softmax_backward, softmax_lse
-from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_x
+from .validate import as_float_array, check_bool, check_cache, check_dout, check_int, check_x, finite_policy
 
 __all__ = ["DenseSynthesizer", "RandomSynthesizer", "FactorizedRandomSynthesizer"]
 
@@ -214,6 +214,7 @@ class DenseSynthesizer(_Synthesizer):
         return cls(w1.astype(dtype), np.zeros(dh, dtype), w2.astype(dtype), np.zeros(n, dtype),
                    w_v.astype(dtype), causal=causal)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = self._x(x, check_finite)
         w1, b1, w2, b2, w_v = (p.astype(x.dtype, copy=False) for p in self.params.values())
@@ -222,6 +223,7 @@ class DenseSynthesizer(_Synthesizer):
         y, probs, vals = _mix_forward(x, logits, w_v, self.causal)
         return y, _DenseSynthCache(x, vals, probs, hidden)
 
+    @finite_policy
     def backward(self, cache: _DenseSynthCache, dy, *, check_finite: bool = True) -> LayerGrads:
         dy = self._dy(cache, _DenseSynthCache, dy, check_finite)
         x = cache.x
@@ -281,12 +283,14 @@ class RandomSynthesizer(_Synthesizer):
         w_v = rng.standard_normal((d, d)) / np.sqrt(d)
         return cls(r.astype(dtype), w_v.astype(dtype), causal=causal)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = self._x(x, check_finite)
         r, w_v = self.r.astype(x.dtype, copy=False), self.w_v.astype(x.dtype, copy=False)
         y, probs, vals = _mix_forward(x, r, w_v, self.causal)     # P (N, N), shared by the batch
         return y, _RandomSynthCache(x, vals, probs, None)
 
+    @finite_policy
     def backward(self, cache: _RandomSynthCache, dy, *, check_finite: bool = True) -> LayerGrads:
         dy = self._dy(cache, _RandomSynthCache, dy, check_finite)
         x = cache.x
@@ -338,12 +342,14 @@ class FactorizedRandomSynthesizer(_Synthesizer):
         w_v = rng.standard_normal((d, d)) / np.sqrt(d)
         return cls(r1.astype(dtype), r2.astype(dtype), w_v.astype(dtype), causal=causal)
 
+    @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         x = self._x(x, check_finite)
         r1, r2, w_v = (p.astype(x.dtype, copy=False) for p in self.params.values())
         y, probs, vals = _mix_forward(x, r1 @ r2.T, w_v, self.causal)   # B = R1 R2ᵀ  (N, N)
         return y, _FactorizedSynthCache(x, vals, probs, None)
 
+    @finite_policy
     def backward(self, cache: _FactorizedSynthCache, dy, *, check_finite: bool = True) -> LayerGrads:
         dy = self._dy(cache, _FactorizedSynthCache, dy, check_finite)
         x = cache.x

@@ -26,6 +26,7 @@ Policy
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 
@@ -47,6 +48,7 @@ __all__ = [
     "check_scale",
     "resolve_scale",
     "check_bool",
+    "finite_policy",
 ]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -298,3 +300,23 @@ def check_mask(mask, n: int, m: int, batch_shape=()):
     if shape != target:
         raise ValueError(f"mask must broadcast to (..., N, M) = {target}, got shape {mask.shape}")
     return mask
+
+
+def finite_policy(method):
+    """Decorate a public ``forward``/``backward`` that takes ``check_finite``.
+
+    With ``check_finite=True`` (the default) the method checks its arrays
+    itself and runs as written. With ``check_finite=False`` the user has chosen
+    to pass NaN or Inf through: the computation runs under
+    ``np.errstate(all="ignore")``, so non-finite values propagate to the
+    entries they touch without a ``RuntimeWarning`` escaping from inside the
+    library (worker threads that the library starts carry the same error
+    state: see ``local.py``).
+    """
+    @functools.wraps(method)
+    def entry(*args, check_finite: bool = True, **kwargs):
+        if check_finite:
+            return method(*args, check_finite=True, **kwargs)
+        with np.errstate(all="ignore"):
+            return method(*args, check_finite=False, **kwargs)
+    return entry

@@ -118,6 +118,33 @@ def test_nan_propagates_without_warning_and_stays_in_its_batch_entry(name, dtype
             np.testing.assert_array_equal(x, copies[a])
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
+@pytest.mark.parametrize("name", NAMES)
+def test_inf_propagates_without_warning_and_stays_in_its_batch_entry(name, value):
+    """An Inf (in each input, then in dout) with check_finite=False: no RuntimeWarning escapes
+    from forward or backward (worker threads included), the inputs are unchanged, and batch
+    entry 1 stays finite."""
+    obj = _build(name)
+    for arg in list(_inputs(name)) + [None]:                  # None: the Inf is in dout
+        arrays = _inputs(name, np.float32)
+        if arg is not None:
+            arrays[arg][0, ROW, 1] = value
+        copies = {a: x.copy() for a, x in arrays.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            out, cache = obj.forward(*arrays.values(), check_finite=False)
+            dout = np.ones_like(out)
+            if arg is None:
+                dout[0, ROW, 1] = value
+            grads = _grads(name, obj.backward(cache, dout, check_finite=False))
+        assert np.isfinite(out[1]).all(), f"Inf in {arg} reached batch entry 1 of the output"
+        for a, g in grads.items():
+            if g is not None:
+                assert np.isfinite(g[1]).all(), f"Inf in {arg or 'dout'} reached batch entry 1 of d{a}"
+        for a, x in arrays.items():
+            np.testing.assert_array_equal(x, copies[a])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", CORES)
 def test_nan_query_row_and_dout_row_stay_in_their_row(name, dtype):
