@@ -9,13 +9,13 @@ Importing a chapter's module registers its variants (``registry()``).
 from .core import (AttentionCore, Cost, Grads, LayerGrads, SequenceLayer, Variant, get_variant,
                    register, registry)
 from .gradcheck import gradcheck
-from . import softmax, validate
+from . import config, softmax, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCore", "SequenceLayer", "Grads", "LayerGrads", "Cost", "Variant",
-    "register", "registry", "get_variant", "gradcheck", "softmax", "validate",
+    "register", "registry", "get_variant", "gradcheck", "config", "softmax", "validate",
 ]
 
 # chapter 0: full attention

@@ -213,24 +213,8 @@ class Variant:
         return self.cls(**self.config)
 
 
+#: name -> Variant; filled by the chapter modules as ``efficient_attention/__init__.py`` imports them
 _REGISTRY: dict[str, Variant] = {}
-_NOT_CHAPTERS = {"__main__", "bench", "testing", "gradcheck", "core", "validate", "softmax", "conformance"}
-_loaded = False
-
-
-def _load_all() -> None:
-    """Import every chapter module of the package once (importing registers its variants)."""
-    global _loaded
-    if _loaded:
-        return
-    import importlib
-    import pkgutil
-
-    import efficient_attention as pkg
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_") and not info.ispkg and info.name not in _NOT_CHAPTERS:
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-    _loaded = True
 
 
 def register(name: str, cls: type, chapter: int, config: dict | None = None, *,
@@ -248,12 +232,11 @@ def registry(kind: str | None = None) -> dict[str, Variant]:
     """A copy of the registry (name -> Variant), optionally only ``kind`` 'core' or 'layer'."""
     if kind not in (None, "core", "layer"):
         raise ValueError(f"kind must be None, 'core' or 'layer', got {kind!r}")
-    _load_all()
     return {n: v for n, v in _REGISTRY.items() if kind is None or v.kind == kind}
 
 
 def get_variant(name: str) -> Variant:
-    _load_all()
+    """The registered variant called ``name`` (``ValueError`` listing the names otherwise)."""
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -62,6 +62,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import config
 from .kernels import elu as _elu
 from .kernels import favor as _favor
 from .kernels.fastexp import exp_
@@ -206,18 +207,18 @@ class EluFeatureMap(FeatureMap):
 
 
 def _elu_kernel_path(x):
-    """float32, C-contiguous, at least 1 row: the numba kernels (ROW_KERNELS permitting)."""
-    return (ROW_KERNELS and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim >= 1
+    """float32, C-contiguous, at least 1 row: the numba kernels (``config.FEATURE_ROW_KERNELS``
+    permitting)."""
+    return (config.FEATURE_ROW_KERNELS and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim >= 1
             and x.size > 0)
 
 
 # --------------------------------------------------------------------------- FAVOR+
-#: rows of x per block in the Performer map (temporaries stay block-sized, in cache)
-ROW_BLOCK = 2048
-#: float32 FAVOR+ (``kind="positive"``) and elu + 1 run their elementwise work in the numba
-#: kernels of :mod:`efficient_attention.kernels.favor` and :mod:`~efficient_attention.kernels.elu`
-#: (False: the NumPy lines, as for float64)
-ROW_KERNELS = True
+# rows of x per block in the Performer map: ``config.FEATURE_ROW_BLOCK`` (temporaries stay
+# block-sized, in cache); float32 FAVOR+ (``kind="positive"``) and elu + 1 run their elementwise
+# work in the numba kernels of :mod:`efficient_attention.kernels.favor` and
+# :mod:`~efficient_attention.kernels.elu` unless ``config.FEATURE_ROW_KERNELS`` is False (then the
+# NumPy lines, as for float64)
 
 
 class _PerformerCache(NamedTuple):
@@ -305,7 +306,8 @@ class PerformerFeatureMap(FeatureMap):
     def _exponent(self, x):
         """``h = ωᵀx′ − ‖x′‖²/2`` (both signs for hyperbolic) as ``(rows, F)``, and ``ω`` in x's
         dtype. ``ωᵀx′ = (ω D^(-1/4))ᵀx``: x′ itself is never formed; rows in blocks of
-        ``ROW_BLOCK`` so that every temporary is block-sized."""
+        ``config.FEATURE_ROW_BLOCK`` so that every temporary is block-sized."""
+        block = config.FEATURE_ROW_BLOCK
         d = x.shape[-1]
         omega = self.omega.astype(x.dtype, copy=False)
         w_t = np.ascontiguousarray((omega * x.dtype.type(d ** -0.25)).T)   # (ω D^(-1/4))ᵀ  (D, m)
@@ -313,8 +315,8 @@ class PerformerFeatureMap(FeatureMap):
         x2 = x.reshape(-1, d)
         m = omega.shape[0]
         h = np.empty((x2.shape[0], self.n_features(d)), x.dtype)         # (rows, F)
-        for r0 in range(0, x2.shape[0], ROW_BLOCK):
-            xb, hb = x2[r0:r0 + ROW_BLOCK], h[r0:r0 + ROW_BLOCK]
+        for r0 in range(0, x2.shape[0], block):
+            xb, hb = x2[r0:r0 + block], h[r0:r0 + block]
             np.matmul(xb, w_t, out=hb[:, :m])                            # ωᵀx′
             if self.kind == "hyperbolic":
                 np.negative(hb[:, :m], out=hb[:, m:])                    # ±ωᵀx′
@@ -335,6 +337,7 @@ class PerformerFeatureMap(FeatureMap):
         return self._forward(x, None, check_finite)[::2]
 
     def _forward(self, x, shift, check_finite=False):
+        block = config.FEATURE_ROW_BLOCK
         x = _check_x(x)
         self.check_width(x.shape[-1])
         if check_finite:
@@ -360,22 +363,23 @@ class PerformerFeatureMap(FeatureMap):
         else:
             s, rows_s = None, None
         norm = self._norm(x)
-        for r0 in range(0, h.shape[0], ROW_BLOCK):                   # φ̂ = e^{h - s}/√m, by blocks
-            hb = h[r0:r0 + ROW_BLOCK]
+        for r0 in range(0, h.shape[0], block):                   # φ̂ = e^{h - s}/√m, by blocks
+            hb = h[r0:r0 + block]
             if rows_s is not None:
-                hb -= rows_s[r0:r0 + ROW_BLOCK, None]
+                hb -= rows_s[r0:r0 + block, None]
             exp_(hb)
             hb *= norm
         phi = h.reshape(lead + (n_f,))
         return phi, s, _PerformerCache(x, phi, omega)
 
     def _kernel_path(self, x):
-        return (ROW_KERNELS and x.dtype == np.float32 and self.kind == "positive" and x.ndim >= 2
+        return (config.FEATURE_ROW_KERNELS and x.dtype == np.float32 and self.kind == "positive" and x.ndim >= 2
                 and x.size > 0 and self.omega.shape[0] > 0)
 
     def _forward_kernels(self, x, shift):
         """``_forward`` for float32 positive features: per block of rows one BLAS product, then
         one pass of :func:`~efficient_attention.kernels.favor.favor_rows` (the same steps)."""
+        block = config.FEATURE_ROW_BLOCK
         d = x.shape[-1]
         omega = self.omega.astype(np.float32)
         w_t = np.ascontiguousarray((omega * np.float32(d ** -0.25)).T)   # (ω D^(-1/4))ᵀ  (D, m)
@@ -387,17 +391,17 @@ class PerformerFeatureMap(FeatureMap):
         mode = {"row": _favor.ROW_SHIFT, "shared": _favor.EXPONENT_ONLY}.get(shift, _favor.FIXED_SHIFT)
         fixed = self._bound(np.float32) if shift == "bound" else 0.0
         half, norm = 0.5 * d ** -0.5, float(self._norm(x))
-        for r0 in range(0, rows, ROW_BLOCK):
-            xb, hb = x2[r0:r0 + ROW_BLOCK], h[r0:r0 + ROW_BLOCK]
+        for r0 in range(0, rows, block):
+            xb, hb = x2[r0:r0 + block], h[r0:r0 + block]
             np.matmul(xb, w_t, out=hb)                               # ωᵀx′
-            _favor.favor_rows(hb, xb, half, norm, fixed, mode, row_max[r0:r0 + ROW_BLOCK])
+            _favor.favor_rows(hb, xb, half, norm, fixed, mode, row_max[r0:r0 + block])
         if shift == "row":
             s = row_max.reshape(lead)
         elif shift == "shared":                                      # the maximum over each sequence
             s = row_max.reshape(-1, n).max(axis=-1)
             rows_s = np.repeat(s, n)
-            for r0 in range(0, rows, ROW_BLOCK):
-                _favor.favor_scale_rows(h[r0:r0 + ROW_BLOCK], rows_s[r0:r0 + ROW_BLOCK], norm)
+            for r0 in range(0, rows, block):
+                _favor.favor_scale_rows(h[r0:r0 + block], rows_s[r0:r0 + block], norm)
             s = s.reshape(lead[:-1])
         elif shift == "bound":
             s = np.full(lead[:-1], fixed, np.float32)
@@ -421,6 +425,7 @@ class PerformerFeatureMap(FeatureMap):
         return self._backward(cache, dphi, True)
 
     def _backward(self, cache, dphi, consume):
+        block = config.FEATURE_ROW_BLOCK
         x, phi, omega = cache
         d = x.shape[-1]
         c = x.dtype.type(d ** -0.25)
@@ -430,8 +435,8 @@ class PerformerFeatureMap(FeatureMap):
         if self._kernel_path(x) and phi2.dtype == np.float32 and np.asarray(dphi2).dtype == np.float32:
             return self._backward_kernels(x, phi2, np.asarray(dphi2), omega, consume)
         dx = np.empty(x2.shape, np.result_type(dphi2.dtype, phi2.dtype, omega.dtype))
-        for r0 in range(0, x2.shape[0], ROW_BLOCK):
-            rows = slice(r0, r0 + ROW_BLOCK)
+        for r0 in range(0, x2.shape[0], block):
+            rows = slice(r0, r0 + block)
             dh = dphi2[rows] * phi2[rows]                            # ∂φ/∂h = φ
             dproj = dh[:, :m] - dh[:, m:] if self.kind == "hyperbolic" else dh
             dxb = dx[rows]
@@ -446,16 +451,17 @@ class PerformerFeatureMap(FeatureMap):
         and one pass of :func:`~efficient_attention.kernels.favor.favor_dx_rows`. With
         ``consume`` and ``F = D``, ``dx`` is written over ``dφ`` (each block of ``dφ`` is read
         into ``dh`` before its rows of ``dx`` are written)."""
+        block = config.FEATURE_ROW_BLOCK
         d = x.shape[-1]
         x2 = np.ascontiguousarray(x.reshape(-1, d))
         consume = consume and dphi2.shape == x2.shape and dphi2.flags.c_contiguous and dphi2.flags.writeable
         phi2, dphi2 = np.ascontiguousarray(phi2), np.ascontiguousarray(dphi2)
         rows = x2.shape[0]
         dx = dphi2 if consume else np.empty(x2.shape, np.float32)
-        dh = np.empty((min(rows, ROW_BLOCK), phi2.shape[1]), np.float32)
-        row_sum = np.empty(min(rows, ROW_BLOCK), np.float32)
-        for r0 in range(0, rows, ROW_BLOCK):
-            nb = min(ROW_BLOCK, rows - r0)
+        dh = np.empty((min(rows, block), phi2.shape[1]), np.float32)
+        row_sum = np.empty(min(rows, block), np.float32)
+        for r0 in range(0, rows, block):
+            nb = min(block, rows - r0)
             sl = slice(r0, r0 + nb)
             _favor.favor_grad_rows(dphi2[sl], phi2[sl], dh[:nb], row_sum[:nb])   # dh = dφ ⊙ φ
             np.matmul(dh[:nb], omega, out=dx[sl])                               # dh·ω

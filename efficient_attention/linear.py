@@ -66,6 +66,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import config
 from .core import AttentionCore, Cost, Grads
 from .dense import causal_mask
 from .feature_maps import (EluFeatureMap, FeatureMap, PerformerFeatureMap,
@@ -78,8 +79,8 @@ from .validate import (as_float_array, check_bool, check_cache, check_dout, chec
 __all__ = ["LinearAttention", "LinearState", "EfficientAttention"]
 
 METHODS = ("auto", "scan", "chunked", "numpy")
-#: tokens per block of the NumPy cumsum reference path (memory BH·block·F·Dv)
-NUMPY_BLOCK = 256
+# the NumPy cumsum reference path runs by blocks of config.LINEAR_NUMPY_BLOCK tokens
+# (memory B·block·F·Dv)
 
 
 def _safe_inv(den):
@@ -112,7 +113,7 @@ class _LinearCache(NamedTuple):
     s: np.ndarray | None     # S = φ̂(K)ᵀV (non-causal)  (..., F, Dv)
     z: np.ndarray | None     # z = φ̂(K)ᵀ1               (..., F)
     m: int                   # number of keys M
-    states: object = None    # causal scan: the prefix-sum state every CHECKPOINT tokens
+    states: object = None    # causal scan: the prefix-sum state every config.LINEAR_CHECKPOINT tokens
 
 
 def _forward_noncausal(phq, phk, v, eps_rows):
@@ -156,8 +157,8 @@ def _forward_causal(phq, phk, v, eps_rows, method):
     if method == "chunked":
         out, den = _kernels.chunked_forward(a, b, vv, e)
     elif method == "numpy":
-        out, den = _kernels.causal_forward_reference(a, b, vv, e, block=NUMPY_BLOCK)
-    else:        # the scan saves its state every CHECKPOINT tokens for the backward's sweep
+        out, den = _kernels.causal_forward_reference(a, b, vv, e, block=config.LINEAR_NUMPY_BLOCK)
+    else:        # the scan saves its state every config.LINEAR_CHECKPOINT tokens for the backward's sweep
         out, den, states = _kernels.causal_forward(a, b, vv, e, states=True)
     return out.reshape(batch + out.shape[-2:]), den.reshape(batch + den.shape[-1:]), states
 
@@ -167,7 +168,7 @@ def _backward_causal(phq, phk, v, out, den, dout, method, states):
     args = [_flat(phq), _flat(phk), _flat(v), _flat(out),
             np.ascontiguousarray(den.reshape((-1, den.shape[-1]))), _flat(dout)]
     if method == "numpy":
-        da, db, dv = _kernels.causal_backward_reference(*args, block=NUMPY_BLOCK)
+        da, db, dv = _kernels.causal_backward_reference(*args, block=config.LINEAR_NUMPY_BLOCK)
     else:
         da, db, dv = (_kernels.chunked_backward(*args) if method == "chunked"
                       else _kernels.causal_backward(*args, states=states))

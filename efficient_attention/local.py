@@ -37,7 +37,7 @@ probabilities :math:`P = e^{S - \ell}` (FlashAttention, arXiv:2205.14135
     dK_{\text{range}} \mathrel{+}= s\,dS^\top Q_{\text{blk}}.
 
 **Parallelism.** Independent work items — a group of batch entries, a residue class (strided),
-a segment of at least ``max(2w, MIN_SEGMENT)`` queries — run on ``THREADS`` Python threads
+a segment of at least ``max(2w, config.LOCAL_MIN_SEGMENT)`` queries — run on ``config.THREADS`` Python threads
 (numpy and BLAS release the GIL) while BLAS is held to one thread (``threadpoolctl``), which
 keeps both the products and the elementwise work (mask, exp, sums: numpy runs them on one
 core) busy on every core and does not oversubscribe. In the backward the segments run in two
@@ -50,7 +50,7 @@ the softmax backward of each block run row by row in numba
 (:mod:`efficient_attention.kernels.band`, GIL released), with the library's float32 ``exp``:
 numpy's float32 ``exp`` is not vectorised on this machine and took as long as a block's
 product; the fused rows cut forward+backward by about 15%. float64 (and
-``ROW_KERNELS = False``) runs the NumPy lines beside them, which the tests compare.
+``config.LOCAL_ROW_KERNELS = False``) runs the NumPy lines beside them, which the tests compare.
 
 **Strided = local on interleaved subsequences.** :math:`(i-j) \bmod r = 0`
 means that :math:`i` and :math:`j` lie in the same residue class
@@ -87,26 +87,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import config
 from .core import AttentionCore, Cost, Grads
 from .kernels import band
 from .validate import (check_bool, check_cache, check_dout, check_int, check_qkv, check_scale,
                        resolve_scale, finite_policy)
 
 __all__ = ["LocalAttention", "StridedAttention", "local_mask", "strided_mask", "band_pairs"]
-
-#: queries per block (the BLAS products are (b, D) x (D, b + 2w))
-QUERY_BLOCK = 64
-#: longest key range soft-maxed in one piece; longer ranges use the online softmax over chunks
-KEY_BLOCK = 2048
-#: scalars of score scratch per step: batch entries are grouped so that G * b * L stays below it
-SCRATCH = 1 << 21
-#: worker threads over independent (residue class, batch group, query segment) items;
-#: None: os.cpu_count()
-THREADS = None
-#: float32 blocks: elementwise row work in numba (kernels/band.py) instead of NumPy
-ROW_KERNELS = True
-#: shortest query segment of a work item (so that a thread's item outweighs its dispatch)
-MIN_SEGMENT = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +171,8 @@ def _scores(qs, k, c0, c1, s, window, lowest, biases):
 
 def _rows_kernel(dtype) -> bool:
     """Use the float32 row kernels (:mod:`efficient_attention.kernels.band`) for this dtype;
-    float64 (and ``ROW_KERNELS = False``) runs the plain NumPy lines beside them."""
-    return ROW_KERNELS and dtype == np.float32
+    float64 (and ``config.LOCAL_ROW_KERNELS = False``) runs the plain NumPy lines beside them."""
+    return config.LOCAL_ROW_KERNELS and dtype == np.float32
 
 
 def _band_forward(q, k, v, out, lse, window, causal, scale, query_block, key_block, s0, s1):
@@ -282,16 +269,16 @@ def _work_waves(batch: int, n: int, stride: int, window: int, query_block: int, 
     """Independent work items ``(c, g0, g1, s0, s1)`` — query rows ``[s0, s1)`` of residue class
     ``c`` of batch entries ``[g0, g1)`` — in two waves.
 
-    Groups keep the score scratch ``G * b * L`` near ``SCRATCH`` and are split further so that
-    every thread gets work. Query segments are at least ``2·window`` (and ``MIN_SEGMENT``)
+    Groups keep the score scratch ``G * b * L`` near ``config.LOCAL_SCRATCH`` and are split further so that
+    every thread gets work. Query segments are at least ``2·window`` (and ``config.LOCAL_MIN_SEGMENT``)
     long, so the key ranges ``[s0 - w, s1 + w)`` of the even segments do not overlap, nor do those of the odd ones:
     within a wave no two items touch the same ``dk``/``dv`` rows (no races), and the segments
     do not depend on the number of threads, so neither does the result."""
     classes = min(stride, n)
-    size = max(1, SCRATCH // max(1, query_block * min(key_block, 2 * window + query_block)))
+    size = max(1, config.LOCAL_SCRATCH // max(1, query_block * min(key_block, 2 * window + query_block)))
     per_class = -(-threads // max(classes, 1))                  # groups wanted per class
     size = max(1, min(size, -(-batch // per_class)))
-    seg = query_block * max(1, -(-max(2 * window, MIN_SEGMENT) // query_block))   # multiple of b, >= 2w
+    seg = query_block * max(1, -(-max(2 * window, config.LOCAL_MIN_SEGMENT) // query_block))  # multiple of b, >= 2w
     waves = ([], [])
     for c in range(classes):
         n_c = len(range(c, n, stride))
@@ -301,14 +288,21 @@ def _work_waves(batch: int, n: int, stride: int, window: int, query_block: int, 
     return waves
 
 
-_BLAS = []
 _POOLS: dict = {}
-if hasattr(os, "register_at_fork"):                              # a forked child has no pool threads
-    os.register_at_fork(after_in_child=_POOLS.clear)
+_FORK_HOOK: list = []
+
+
+def _forget_pools() -> None:
+    """A forked child has none of the parent's pool threads: start afresh."""
+    _POOLS.clear()
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """A persistent pool of ``threads`` workers (created on first use)."""
+    """A persistent pool of ``threads`` workers (created on first use; the fork hook that
+    forgets pools in a forked child is registered with the first pool, not at import)."""
+    if not _POOLS and hasattr(os, "register_at_fork") and not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_forget_pools)
+        _FORK_HOOK.append(True)
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ea-band")
     return _POOLS[threads]
@@ -322,22 +316,15 @@ def _run(waves, work, threads: int) -> None:
             for item in wave:
                 work(*item)
         return
-    if not _BLAS:
-        from threadpoolctl import ThreadpoolController
-        _BLAS.append(ThreadpoolController())
     errors = np.geterr()                    # the caller's floating-point error state, in every worker
 
     def in_worker(item):
         with np.errstate(**errors):
             work(*item)
-    with _BLAS[0].limit(limits=1, user_api="blas"):
+    with config.blas_threads_limited():
         for wave in waves:
             for _ in _pool(threads).map(in_worker, wave):   # re-raises errors
                 pass
-
-
-def _threads(threads) -> int:
-    return max(1, (os.cpu_count() or 1) if threads is None else int(threads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,10 +422,16 @@ class _BandedAttention(AttentionCore):
     """Shared forward/backward plumbing of the banded cores (each public class defines its own
     ``forward`` and ``backward`` on top, so that errors name the public class)."""
 
-    query_block = QUERY_BLOCK
-    key_block = KEY_BLOCK
-    #: worker threads (None: the module's THREADS, i.e. os.cpu_count())
+    #: queries per block (None: ``config.LOCAL_QUERY_BLOCK``)
+    query_block = None
+    #: longest key range soft-maxed in one piece (None: ``config.LOCAL_KEY_BLOCK``)
+    key_block = None
+    #: worker threads (None: ``config.THREADS``, i.e. ``os.cpu_count()`` by default)
     threads = None
+
+    def _blocks(self) -> tuple[int, int]:
+        """``(query_block, key_block)``: the instance's, else the settings'."""
+        return (self.query_block or config.LOCAL_QUERY_BLOCK, self.key_block or config.LOCAL_KEY_BLOCK)
 
     def _sub_window(self, n: int) -> int:                       # pragma: no cover - abstract
         raise NotImplementedError
@@ -452,8 +445,7 @@ class _BandedAttention(AttentionCore):
         n = q.shape[-2]
         scale = resolve_scale(self.scale, q.shape[-1])
         return _forward(q, k, v, self._sub_window(n), self._stride(), self.causal, scale,
-                        self.query_block, self.key_block,
-                        _threads(THREADS if self.threads is None else self.threads))
+                        *self._blocks(), config.worker_threads(self.threads))
 
     def _banded_backward(self, cache, dout, check_finite):
         check_cache(cache, _BandCache, type(self).__name__)
@@ -473,7 +465,8 @@ class _BandedAttention(AttentionCore):
             raise ValueError(f"m must equal n for banded attention (N == M), got n={n}, m={m}")
         nnz = self._pairs(n)
         w = self._sub_window(n)
-        scratch = min(self.query_block, n) * min(self.key_block, 2 * w + self.query_block, max(n, 1))
+        qb, kb = self._blocks()
+        scratch = min(qb, n) * min(kb, 2 * w + qb, max(n, 1))
         if backward:   # S again, dV, dP, dQ, dK; holds dq, dk, dv and two score blocks
             return Cost(2 * nnz * (3 * d + 2 * dv), n * (2 * d + dv) + 2 * scratch)
         return Cost(2 * nnz * (d + dv), n * dv + n + scratch)

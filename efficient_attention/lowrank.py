@@ -62,6 +62,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import config
 from .core import AttentionCore, Cost, Grads
 from .dense import _DenseCache
 from .dense import _backward as _dense_backward
@@ -72,10 +73,6 @@ from .validate import (as_float_array, check_bool, check_cache, check_dout, chec
 __all__ = ["LinformerAttention", "CompressedAttention", "compress", "compress_backward", "n_compressed",
            "visible_counts"]
 
-#: scores held per block of query rows (batch × rows × K elements); 2**19 float32 = 2 MB, so
-#: that the softmax's elementwise passes stay in cache (Linformer K = 256, 8 heads, N = 65536:
-#: forward+backward 3.9 s with 2**19 against 5.4 s with 2**22 and 5.9 s with 2**17)
-BLOCK_ELEMENTS = 2 ** 19
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +91,10 @@ class _AttendCache(NamedTuple):
 
 
 def _block_rows(q, kr, block_elements=None) -> int:
-    """Query rows per block so that one block of scores holds about ``BLOCK_ELEMENTS``."""
+    """Query rows per block so that one block of scores holds about ``config.LOWRANK_BLOCK_ELEMENTS``."""
     batch = int(np.prod(q.shape[:-2], dtype=np.int64))
     per_row = max(1, batch * kr.shape[-2])
-    return max(1, (BLOCK_ELEMENTS if block_elements is None else block_elements) // per_row)
+    return max(1, (config.LOWRANK_BLOCK_ELEMENTS if block_elements is None else block_elements) // per_row)
 
 
 def _block_mask(visible, rows: slice, n_rep: int):
@@ -172,18 +169,16 @@ def _side_by_side(x):
     return np.ascontiguousarray(np.moveaxis(x.reshape(-1, p, w), 0, 1)).reshape(p, -1)
 
 
-#: key positions per block of Linformer's products with E and F (forward and backward)
-PROJ_BLOCK = 4096
 
 
 def _project(e, x):
-    """``E X`` for ``x (..., M, W)``: ``(..., K, W)``, summed over blocks of ``PROJ_BLOCK`` key
+    """``E X`` for ``x (..., M, W)``: ``(..., K, W)``, summed over blocks of ``config.LOWRANK_PROJ_BLOCK`` key
     positions with the batch side by side (``E`` read once, not once per (batch, head))."""
     m, w = x.shape[-2:]
     x3 = x.reshape((-1, m, w))
     acc = np.zeros((e.shape[0], x3.shape[0] * w), np.result_type(e, x))   # (K, B·W)
-    for m0 in range(0, m, PROJ_BLOCK):
-        cols = slice(m0, min(m, m0 + PROJ_BLOCK))
+    for m0 in range(0, m, config.LOWRANK_PROJ_BLOCK):
+        cols = slice(m0, min(m, m0 + config.LOWRANK_PROJ_BLOCK))
         acc += e[:, cols] @ _side_by_side(x3[:, cols])
     return np.ascontiguousarray(np.moveaxis(acc.reshape(e.shape[0], -1, w), 1, 0)).reshape(
         x.shape[:-2] + (e.shape[0], w))
@@ -197,7 +192,7 @@ def _linformer_forward(q, k, v, e, f, scale, block=None):
 
 
 def _linformer_backward(cache: _LinformerCache, dout):
-    """The projections' products by blocks of ``PROJ_BLOCK`` key positions, with the batch side
+    """The projections' products by blocks of ``config.LOWRANK_PROJ_BLOCK`` key positions, with the batch side
     by side (one GEMM per block and product): each block of ``E``, ``K``, ``V`` is read once
     while it is in cache, and every temporary is block-sized. At M = 65536, 8 heads, alone:
     about 490 ms for dK, dV, dE, dF, against 800 ms for per-head products with a whole-array
@@ -210,8 +205,8 @@ def _linformer_backward(cache: _LinformerCache, dout):
     dk, dv = np.empty(k.shape, dkr.dtype), np.empty(v.shape, dvr.dtype)
     de, df = np.empty(e.shape, dkr.dtype), np.empty(fv.shape, dvr.dtype)
     k3, v3, dk3, dv3 = (x.reshape((-1,) + x.shape[-2:]) for x in (k, v, dk, dv))
-    for m0 in range(0, m, PROJ_BLOCK):
-        cols = slice(m0, min(m, m0 + PROJ_BLOCK))
+    for m0 in range(0, m, config.LOWRANK_PROJ_BLOCK):
+        cols = slice(m0, min(m, m0 + config.LOWRANK_PROJ_BLOCK))
         mb = cols.stop - cols.start
         dk3[:, cols] = np.moveaxis((e[:, cols].T @ dkr_s).reshape(mb, -1, d), 1, 0)    # dK = Eᵀ dK̃
         dv3[:, cols] = np.moveaxis((fv[:, cols].T @ dvr_s).reshape(mb, -1, dv_), 1, 0)  # dV = Fᵀ dṼ
@@ -349,7 +344,7 @@ class LinformerAttention(AttentionCore):
         dv = d if dv is None else dv
         m = n if m is None else m
         kp = self.e.shape[0]
-        block = min(n, max(1, BLOCK_ELEMENTS // kp))
+        block = min(n, max(1, config.LOWRANK_BLOCK_ELEMENTS // kp))
         if backward:   # attention backward (as dense, M -> K), then dK, dV, dE, dF
             return Cost(2 * n * kp * (3 * d + 2 * dv) + 4 * kp * m * (d + dv),
                         2 * block * kp + n * d + 2 * kp * (d + dv) + m * (d + dv) + 2 * kp * m)
@@ -597,7 +592,7 @@ class CompressedAttention(AttentionCore):
         m = n if m is None else m
         kc = n_compressed(m, self.step)
         conv = 2 * kc * self.c * (d * d + dv * dv)
-        block = min(n, max(1, BLOCK_ELEMENTS // kc))
+        block = min(n, max(1, config.LOWRANK_BLOCK_ELEMENTS // kc))
         if backward:   # attention backward (as dense, M -> Kc), then the convolutions' dX and dW
             return Cost(2 * n * kc * (3 * d + 2 * dv) + 2 * conv,
                         2 * block * kc + n * d + 2 * kc * (d + dv) + 2 * m * (d + dv))

@@ -87,16 +87,13 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from . import config
 from .core import AttentionCore, Cost, Grads
 from .kernels import lsh as _k
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
                        check_scale, resolve_scale, finite_policy)
 
 __all__ = ["LSHAttention", "hash_buckets", "chapter_figures"]
-
-#: elements of one block of projections ``x R`` while hashing
-_HASH_BLOCK = 1 << 21
-
 
 def hash_buckets(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     r"""Angular LSH buckets ``argmax([xR_r, -xR_r])`` of every row, every round.
@@ -114,7 +111,7 @@ def hash_buckets(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     R, _, half = rotations.shape
     flat = x.reshape(B * N, D)
     out = np.empty((R, B * N), np.int64)
-    rows = max(1, _HASH_BLOCK // max(half, 1))
+    rows = max(1, config.LSH_HASH_BLOCK // max(half, 1))
     for r in range(R):
         for s in range(0, B * N, rows):
             proj = flat[s:s + rows] @ rotations[r]                   # x R_r        (rows, C/2)

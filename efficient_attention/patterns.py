@@ -60,6 +60,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
+from . import config
 from .validate import check_bool, check_csr, check_int
 
 __all__ = [
@@ -78,9 +79,6 @@ __all__ = [
     "chapter_figures",
 ]
 
-#: entries written per chunk by the vectorised builders (bounds temporaries)
-_CHUNK = 1 << 24
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -94,7 +92,7 @@ def _arithmetic_rows(n: int, m: int, start: np.ndarray, count: np.ndarray, step:
 
     ``start`` and ``count`` are int64 arrays of length ``n`` (``count >= 0``,
     all columns in ``[0, m)``, ``step >= 1`` so rows come out sorted). Rows are
-    written in chunks of about ``_CHUNK`` entries: no Python loop over rows.
+    written in chunks of about ``config.PATTERN_CHUNK`` entries: no Python loop over rows.
     """
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(count, out=indptr[1:])
@@ -102,7 +100,7 @@ def _arithmetic_rows(n: int, m: int, start: np.ndarray, count: np.ndarray, step:
     idx = _index_dtype(nnz, m, n)
     indices = np.empty(nnz, idx)
     # chunk boundaries at row granularity
-    cuts = np.unique(np.concatenate([[0], np.searchsorted(indptr, np.arange(_CHUNK, nnz, _CHUNK)), [n]]))
+    cuts = np.unique(np.concatenate([[0], np.searchsorted(indptr, np.arange(config.PATTERN_CHUNK, nnz, config.PATTERN_CHUNK)), [n]]))
     for r0, r1 in zip(cuts[:-1], cuts[1:]):
         a, b = indptr[r0], indptr[r1]
         if a == b:

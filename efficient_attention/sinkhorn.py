@@ -75,7 +75,7 @@ sorted blocks ``2·n_b²·b·(D + Dv) = 2·N²/b·(D + Dv)`` FLOPs, the sort net
 while ``n_b`` stays small (as in the paper, which sorts tens of blocks).
 Memory: ``O(N·(D + Dv) + n_b²)`` (plus ``n_iters·n_b²`` saved normalisers in
 causal mode); the block attention runs over chunks of blocks, so its
-``b × 2b`` score temporaries exist for one chunk (``_CHUNK`` entries) at a time.
+``b × 2b`` score temporaries exist for one chunk (``config.SINKHORN_CHUNK`` entries) at a time.
 
 Backward
 --------
@@ -120,6 +120,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import config
 from .core import AttentionCore, Cost, Grads
 from .dense import _backward as _attention_backward
 from .dense import _forward as _attention_forward
@@ -207,15 +208,10 @@ def _reverse_recurrence(g, c, safe):
     return a
 
 
-#: the numba Sinkhorn kernel is used from this many blocks on (below, NumPy is as fast and the
-#: parallel kernel's thread start-up dominates on a busy machine)
-_KERNEL_MIN_BLOCKS = 256
-
-
 def _sinkhorn_fast(log_r, n_iters, causal):
-    """``sinkhorn`` through the numba kernel (non-causal, ``n_b >= _KERNEL_MIN_BLOCKS``), else NumPy.
+    """``sinkhorn`` through the numba kernel (non-causal, ``n_b >= config.SINKHORN_KERNEL_MIN_BLOCKS``), else NumPy.
     Returns ``(log_p, norms)`` with ``norms`` a ``(B, 2·n_iters, n_b)`` array (kernel) or a list."""
-    if causal or log_r.shape[-1] < _KERNEL_MIN_BLOCKS:
+    if causal or log_r.shape[-1] < config.SINKHORN_KERNEL_MIN_BLOCKS:
         return sinkhorn(log_r, n_iters, causal)
     from .kernels.sinkhorn import sinkhorn_kernel
     nb = log_r.shape[-1]
@@ -258,10 +254,6 @@ def _causal_sort_mask(n_blocks: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- forward / backward
 
-#: score entries per chunk of the block attention (bounds its O(N·2b) temporaries)
-_CHUNK = 1 << 22
-
-
 def _chunked_attention_forward(qx, keys, vals, mask, scale, blockwise):
     """The dense oracle's forward over chunks of blocks (``blockwise``: axis -3 of
     ``qx (..., n_b, b, D)``, ``keys (..., n_b, 2b, D)``) or of query rows (SortCut:
@@ -271,7 +263,7 @@ def _chunked_attention_forward(qx, keys, vals, mask, scale, blockwise):
     batch = int(np.prod(qx.shape[:axis]))
     per_unit = batch * keys.shape[-2] * (qx.shape[-2] if blockwise else 1)
     units = qx.shape[axis]
-    step = max(1, _CHUNK // max(1, per_unit))
+    step = max(1, config.SINKHORN_CHUNK // max(1, per_unit))
     out = np.empty(qx.shape[:-1] + (vals.shape[-1],), qx.dtype)
     caches = []
     for start in range(0, units, step):

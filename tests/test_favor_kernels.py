@@ -1,6 +1,8 @@
 """The float32 FAVOR+ row kernels against their NumPy references, and the float32 feature map
 through them against the NumPy lines (``ROW_KERNELS = False``) and against float64."""
 import numpy as np
+
+import efficient_attention as ea
 import pytest
 
 from efficient_attention import feature_maps
@@ -75,7 +77,7 @@ def test_float32_feature_map_kernels_match_the_numpy_lines(shift, shape, monkeyp
     assert fm._kernel_path(x)
     phi, s, cache = fm._stable(x, shift)
     dx = fm.backward(cache, dphi)
-    monkeypatch.setattr(feature_maps, "ROW_KERNELS", False)
+    monkeypatch.setattr(ea.config, "FEATURE_ROW_KERNELS", False)
     assert not fm._kernel_path(x)
     phi_np, s_np, cache_np = fm._stable(x, shift)
     dx_np = fm.backward(cache_np, dphi)
@@ -133,7 +135,7 @@ def test_float32_elu_map_kernels_match_the_numpy_lines(monkeypatch):
     dphi = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
     phi, cache = fm.forward(x)
     dx = fm.backward(cache, dphi)
-    monkeypatch.setattr(feature_maps, "ROW_KERNELS", False)
+    monkeypatch.setattr(ea.config, "FEATURE_ROW_KERNELS", False)
     phi_np, cache_np = fm.forward(x)
     dx_np = fm.backward(cache_np, dphi)
     assert phi.dtype == dx.dtype == np.float32

@@ -228,7 +228,7 @@ def test_performer_row_blocks_do_not_change_the_result(kind, shift, monkeypatch)
     x, dphi = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 5, fm.n_features(4)))
     phi, s, cache = fm._stable(x, shift)
     dx = fm.backward(cache, dphi)
-    monkeypatch.setattr(fmod, "ROW_BLOCK", 3)
+    monkeypatch.setattr(ea.config, "FEATURE_ROW_BLOCK", 3)
     phi3, s3, cache3 = fm._stable(x, shift)
     np.testing.assert_allclose(phi3, phi, rtol=1e-14, atol=0)
     if s is None:

@@ -1,6 +1,6 @@
 """Where numba keeps the compiled kernels: a read-only install with no writable home imports
 and runs (kernels compiled without a disk cache, one warning); a writable location keeps
-the cache on; every kernel takes its ``cache`` option from ``kernels/config.py``."""
+the cache on; every kernel takes its ``cache`` option from ``efficient_attention/config.py``."""
 import os
 import re
 import shutil
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from efficient_attention.kernels import config
+from efficient_attention import config
 
 PKG = Path(__file__).resolve().parents[1] / "efficient_attention"
 
@@ -32,7 +32,8 @@ if mode == "read-only":
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import efficient_attention as ea
-    from efficient_attention.kernels import band, config
+    from efficient_attention import config
+    from efficient_attention.kernels import band
 assert os.path.dirname(ea.__file__) == pkg, (ea.__file__, pkg)
 ours = [str(w.message) for w in caught if issubclass(w.category, config.KernelCacheWarning)]
 print("WARNINGS", len(ours))

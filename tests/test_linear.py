@@ -276,14 +276,14 @@ def test_kernels_python_path_matches_reference():
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("chunk", [2, 4, 6, K.CHECKPOINT])
+@pytest.mark.parametrize("chunk", [2, 4, 6, ea.config.LINEAR_CHECKPOINT])
 @pytest.mark.parametrize("n", [1, 5, 6, 7, 12, 13])
 def test_backward_sweep_by_chunks(chunk, n, monkeypatch):
     """The forward saves the state before each chunk (the prefix sums of the reference at
     the chunk starts); the backward's sweep over chunks, with short, odd and exact last chunks,
     agrees with the reference, and with the states recomputed when none are given. On the
     thread pool (3 sequences), however small the work."""
-    monkeypatch.setattr(K, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(ea.config, "LINEAR_PARALLEL_MIN_WORK", 0)
     a, b, v, eps, dout = _kernel_inputs(n=n, f=4, dv=3)
     out, den, states = K.causal_forward(a, b, v, eps, states=True, chunk=chunk)
     assert states.chunk == chunk and states.n == n and states.s.shape == (3, -(-n // chunk), 4, 3)
@@ -301,9 +301,9 @@ def test_backward_sweep_by_chunks(chunk, n, monkeypatch):
 
 @pytest.mark.parametrize("fmap", ["elu", "performer"])
 def test_causal_scan_across_checkpoints(fmap):
-    """LinearAttention's causal scan over more than one CHECKPOINT chunk: the forward keeps
+    """LinearAttention's causal scan over more than one checkpoint chunk: the forward keeps
     the states in its cache, the backward's sweep uses them; against the quadratic form."""
-    n = K.CHECKPOINT + 77
+    n = ea.config.LINEAR_CHECKPOINT + 77
     q, k, v = _qkv((2,), n, 3, seed=16)
     core = LinearAttention(_map(fmap, 3, m=4), causal=True)
     dout = np.random.default_rng(17).standard_normal((2, n, 3))

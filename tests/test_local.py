@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import efficient_attention as ea
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
 from efficient_attention.gradcheck import gradcheck
@@ -364,7 +365,7 @@ def test_float32_row_kernels_match_the_numpy_lines(core, monkeypatch):
     q, k, v, g = _arrays((2, 3), 200, 8, 5, np.float32, seed=4)
     out, cache = core.forward(q, k, v)
     grads = core.backward(cache, g)
-    monkeypatch.setattr(local, "ROW_KERNELS", False)
+    monkeypatch.setattr(ea.config, "LOCAL_ROW_KERNELS", False)
     ref, ref_cache = core.forward(q, k, v)
     ref_grads = core.backward(ref_cache, g)
     # two float32 paths of the same core (no float64 reference): fixed bound, no lowp

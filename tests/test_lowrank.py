@@ -406,7 +406,7 @@ def test_blocked_equals_one_block(monkeypatch, cls):
     out1, c1 = core.forward(q, k, v)
     g1 = core.backward(c1, dout)
     assert c1.attend.block >= n
-    monkeypatch.setattr(lowrank, "BLOCK_ELEMENTS", 11)
+    monkeypatch.setattr(ea.config, "LOWRANK_BLOCK_ELEMENTS", 11)
     out2, c2 = core.forward(q, k, v)
     g2 = core.backward(c2, dout)
     assert c2.attend.block < n
@@ -488,7 +488,7 @@ def test_linformer_projection_blocks_match_direct_formula(shared, monkeypatch):
     q, k, v, dout = (_rand((2, 3) + s, i) for i, s in enumerate([(5, d), (m, d), (m, dv), (5, dv)]))
     out1, cache1 = core.forward(q, k, v)
     g1 = core.backward(cache1, dout)
-    monkeypatch.setattr(lowrank, "PROJ_BLOCK", 3)
+    monkeypatch.setattr(ea.config, "LOWRANK_PROJ_BLOCK", 3)
     _check_against(core, lambda dt: naive_linformer(q, k, v, core.e, core.f, dout, dtype=dt), q, k, v, dout,
                    np.float64)
     out3, cache3 = core.forward(q, k, v)

@@ -496,7 +496,7 @@ def test_chunked_block_attention_equals_one_chunk(cfg, monkeypatch):
     out, cache = core.forward(q, k, v)
     ref = core.backward(cache, g)
     assert len(cache.attn) == 1
-    monkeypatch.setattr(mod, "_CHUNK", 1)
+    monkeypatch.setattr(ea.config, "SINKHORN_CHUNK", 1)
     out2, cache2 = core.forward(q, k, v)
     assert len(cache2.attn) == (5 if core.sortcut is None else 15)
     got = core.backward(cache2, g)
@@ -517,7 +517,7 @@ def test_core_through_the_kernel_path(cfg, monkeypatch):
     out, cache = core.forward(q, k, v)
     ref = core.backward(cache, g)
     assert isinstance(cache.norms, list)                       # NumPy path below the threshold
-    monkeypatch.setattr(mod, "_KERNEL_MIN_BLOCKS", 1)
+    monkeypatch.setattr(ea.config, "SINKHORN_KERNEL_MIN_BLOCKS", 1)
     out2, cache2 = core.forward(q, k, v)
     assert isinstance(cache2.norms, np.ndarray)                # kernel path
     got = core.backward(cache2, g)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .config import JIT
+from ..config import JIT
 from .fastexp import exp32_shift_inplace
 
 __all__ = ["softmax_rows", "exp_rows", "dsoftmax_rows",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL
+from ..config import JIT, JIT_PARALLEL
 from .fastexp import exp32
 
 __all__ = ["elu_plus_one", "elu_backward", "elu_plus_one_reference", "elu_backward_reference"]

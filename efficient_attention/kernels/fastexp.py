@@ -44,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .config import JIT_CONTRACT
+from ..config import JIT_CONTRACT
 
 __all__ = ["exp_inplace", "exp_reference", "EXP_LOWER", "EXP_UPPER", "exp32", "exp32_shift_inplace",
            "exp32_reference", "EXP32_LOWER", "EXP32_UPPER", "exp_"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .config import JIT
+from ..config import JIT
 from .fastexp import exp32_shift_inplace
 
 __all__ = ["favor_rows", "favor_scale_rows", "favor_grad_rows", "favor_dx_rows",

@@ -20,11 +20,11 @@ Backward, with ``g_t = dO_t/den_t`` and ``c_t = −(dO_t·o_t)/den_t``:
 
 a forward scan for ``da`` (``S_t`` recomputed) and a reverse-time scan for ``db, dv``,
 run chunk by chunk from the last chunk to the first: the forward saves ``(S, z)`` before
-every chunk of :data:`CHECKPOINT` tokens (:class:`ScanStates`), the backward starts each
+every chunk of ``config.LINEAR_CHECKPOINT`` tokens (:class:`ScanStates`), the backward starts each
 chunk's forward scan from its saved state and carries ``R`` between chunks, so that the
 reverse scan finds its rows still in the cache. Each thread holds one ``F × Dv`` state
 (two in the reverse scan: ``R`` and its transpose), so memory is
-``O(N·(F + Dv) + (N/CHECKPOINT)·F·Dv)``: the ``N × F × Dv`` prefix states that a
+``O(N·(F + Dv) + (N/chunk)·F·Dv)``: the ``N × F × Dv`` prefix states that a
 ``cumsum`` materialises never exist. A zero denominator (possible only with
 ``eps = 0``) gives output 0 and zero gradient.
 
@@ -40,11 +40,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL
+from .. import config
+from ..config import JIT, JIT_PARALLEL
 from .prefetch import prefetch_range
 
 __all__ = [
-    "causal_forward", "causal_backward", "ScanStates", "CHECKPOINT",
+    "causal_forward", "causal_backward", "ScanStates",
     "causal_forward_reference", "causal_backward_reference",
     "chunked_forward", "chunked_backward",
 ]
@@ -307,15 +308,10 @@ def _contig(*arrays):
     return tuple(np.ascontiguousarray(x) for x in arrays)
 
 
-#: below this many state updates (BH·N·F·Dv) the scans run on one thread: waking the
-#: thread pool costs up to ~10 ms on a busy machine, more than the whole small scan
-PARALLEL_MIN_WORK = 1 << 24
-
-
 def _launch(kernel, nh, work, *args):
     """Run a prange kernel, on one thread when the work is small or there is one sequence
     (each (batch, head) is independent, so the result does not depend on the thread count)."""
-    if nh < 2 or work < PARALLEL_MIN_WORK:
+    if nh < 2 or work < config.LINEAR_PARALLEL_MIN_WORK:
         saved = numba.get_num_threads()
         numba.set_num_threads(1)
         try:
@@ -324,16 +320,6 @@ def _launch(kernel, nh, work, *args):
             numba.set_num_threads(saved)
     else:
         kernel(*args)
-
-
-#: tokens per chunk of the backward's sweep: the forward saves the state ``(S, z)`` before
-#: each chunk (``F·Dv + F`` numbers per 512 tokens: an eighth of a row of 64 per token for
-#: F = Dv = 64), and the backward runs both of its scans chunk by chunk, on rows in cache.
-#: A/B against two whole-sequence scans in one process (elu + 1 features, float32, 8 heads,
-#: the kernels' forward + backward, medians of 7-9 interleaved rounds), three runs: 0.75,
-#: 0.97 and 0.91x the time at N = 65536, 1.00-1.03x at 4096 and 16384; chunks of 256 were
-#: within 2 % of 512, chunks of 128, 1024 and 2048 slower
-CHECKPOINT = 512
 
 
 class ScanStates(NamedTuple):
@@ -355,13 +341,13 @@ def _check_chunk(chunk, name="chunk"):
     return int(chunk)
 
 
-def causal_forward(a, b, v, eps, *, states=False, chunk=CHECKPOINT):
+def causal_forward(a, b, v, eps, *, states=False, chunk=None):
     """Causal prefix-sum forward. ``a, b (BH, N, F)``, ``v (BH, N, Dv)``,
     ``eps (BH, N)``, one dtype. Returns ``out (BH, N, Dv)``, ``den (BH, N)``, and with
     ``states=True`` the :class:`ScanStates` before every chunk of ``chunk`` tokens
     (``F·Dv + F`` numbers per chunk and sequence), which :func:`causal_backward` takes."""
     a, b, v, eps = _contig(a, b, v, eps)
-    chunk = _check_chunk(chunk)
+    chunk = _check_chunk(config.LINEAR_CHECKPOINT if chunk is None else chunk)
     nh, n, f = a.shape
     nck = -(-n // chunk) if states else 0
     sck = np.empty((nh, nck, f, v.shape[2]), a.dtype)

@@ -46,7 +46,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL
+from .. import config
+from ..config import JIT, JIT_PARALLEL
 from .fastexp import exp32_shift_inplace, exp_inplace
 
 __all__ = [
@@ -395,19 +396,6 @@ def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm
                 dv[b, j, e] += dVb[t, e]
 
 
-_CONTROLLER = []
-
-
-def _one_blas_thread():
-    """BLAS held to one thread while the prange threads call it (nested BLAS threads
-    inside a parallel region oversubscribe the cores: 20-60x slower here)."""
-    if not _CONTROLLER:
-        import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls scipy's own OpenBLAS:
-        from threadpoolctl import ThreadpoolController  # load it before the controller looks
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=1, user_api="blas")
-
-
 def _flags(lay: Layout, across, causal, shared):
     return bool(lay.lookback), bool(across), bool(causal), bool(shared)
 
@@ -424,7 +412,7 @@ def bucket_forward(q, k, v, lay: Layout, *, causal, shared, across, scale, kerne
     out = np.zeros((B, N, v.shape[-1]), q.dtype)
     lse = np.full((B, N), -np.inf, np.float64)
     lookback, across, causal, shared = _flags(lay, across, causal, shared)
-    with _one_blas_thread():
+    with config.blas_threads_limited():   # nested BLAS threads in a prange: 20-60x slower
         for r in range(lay.qperm.shape[1]):
             kernel(q, k, v, lay.qperm, lay.qptr, lay.qchunk, lay.qbuck, lay.kperm, lay.kptr,
                    lay.kchunk, lay.kbuck, r, lookback, across, causal, shared, float(scale),
@@ -442,7 +430,7 @@ def bucket_backward(q, k, v, dout, out, lse, lay: Layout, *, causal, shared, acr
     n_chunks = lay.qptr.shape[2] - 1
     starts = (0, 1) if lookback else (0,)
     step = 2 if lookback else 1
-    with _one_blas_thread():
+    with config.blas_threads_limited():   # nested BLAS threads in a prange: 20-60x slower
         for r in range(lay.qperm.shape[1]):
             for first in starts:
                 if first >= n_chunks:

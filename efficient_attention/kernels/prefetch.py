@@ -18,7 +18,7 @@ flushed between calls, two threads), and 0.80–0.89× at N = 4096 … 262144 in
 of the whole ``causal_backward`` against the previous commit. The same hints in the
 ascending scans changed nothing (within noise). Those figures are from the reverse scan
 over whole sequences. It now runs chunk by chunk
-(:data:`~efficient_attention.kernels.linear.CHECKPOINT`) on rows that the chunk's forward
+(``config.LINEAR_CHECKPOINT``) on rows that the chunk's forward
 scan has just read, except those of ``a``, which it alone reads, from memory: it hints
 those only (A/B, 8 heads × 65536, elu + 1 features: the same time as hinting all five
 arrays; without any hint, 1.12× and 1.19× the time in two runs).
@@ -31,7 +31,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .config import CACHE, JIT_PLAIN
+from ..config import CACHE, JIT_PLAIN
 
 __all__ = ["prefetch_range", "line_indices", "LINE_BYTES"]
 

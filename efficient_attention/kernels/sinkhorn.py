@@ -21,7 +21,7 @@ alone and its normaliser stored as 0). Sums accumulate in float64.
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_PARALLEL
+from ..config import JIT_PARALLEL
 
 __all__ = ["sinkhorn_kernel", "sinkhorn_backward_kernel", "sinkhorn_reference",
            "sinkhorn_backward_reference"]

@@ -44,7 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from .config import JIT_PARALLEL, JIT_PLAIN
+from ..config import JIT_PARALLEL, JIT_PLAIN
 from .fastexp import exp_inplace
 
 __all__ = [
