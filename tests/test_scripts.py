@@ -159,3 +159,18 @@ def test_retain_freed_memory_reuses_large_blocks():
     assert ok == "True" and "keeps freed memory" in out["retain"][1]
     fresh = int(out["default"][0].split()[1])
     assert int(retained) < 16 and fresh >= 64
+
+
+def test_conformance_peers_example_runs_with_whatever_is_installed():
+    """examples/conformance_peers.py: a row per run for each installed peer, a 'not installed'
+    row otherwise (PyTorch and JAX are optional peers, never dependencies)."""
+    import importlib.util
+    out = _run([str(ROOT / "examples" / "conformance_peers.py"), "--quick", "--only", "torch", "jax",
+                "--dtype", "float32", "--max-examples", "5"], timeout=900)
+    assert out.startswith("| implementation |")
+    for peer, name in (("torch", "PyTorch SDPA"), ("jax", "JAX dot_product_attention")):
+        if importlib.util.find_spec(peer) is None:
+            assert f"| {peer} | not installed" in out
+        else:
+            rows = [line for line in out.splitlines() if line.startswith(f"| {name} |")]
+            assert rows and all("| passed |" in r or "| **failed** |" in r for r in rows)

@@ -485,6 +485,27 @@ def test_kernels_match_numpy_reference(dtype, jit):
     np.testing.assert_allclose(p2, log_r, rtol=tol, atol=10 * tol)
 
 
+def test_kernel_twins_equal_the_chapter_functions():
+    """The kernels' NumPy twins (written in kernels/, which imports nothing above it) compute
+    the chapter's sinkhorn / sinkhorn_backward (non-causal) in the kernels' layout."""
+    from efficient_attention import sinkhorn as chapter
+    from efficient_attention.kernels import sinkhorn as ks
+    rng = np.random.default_rng(3)
+    log_r = 3 * rng.standard_normal((2, 6, 6))
+    log_r[0, 2, :] = -np.inf                                  # an all -inf row is left alone
+    x, norms = log_r.copy(), np.empty((2, 8, 6))
+    ks.sinkhorn_reference(x, norms)
+    log_p, steps = chapter.sinkhorn(log_r.copy(), 4)
+    np.testing.assert_allclose(x, log_p, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(norms, np.stack(steps, axis=1), rtol=1e-13, atol=1e-13)
+    g = rng.standard_normal(log_r.shape)
+    g[0, 2, :] = 0
+    expected = chapter.sinkhorn_backward(g.copy(), log_p.copy(), steps)
+    post = x.copy()
+    ks.sinkhorn_backward_reference(g, post, norms)
+    np.testing.assert_allclose(g, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(causal=True), dict(sortcut=2)], ids=str)
 def test_chunked_block_attention_equals_one_chunk(cfg, monkeypatch):
     """The block attention runs in chunks of blocks (query rows for SortCut); tiny chunks

@@ -472,7 +472,6 @@ def _allowed_counts(lay: Layout, b, r, qi, kj, causal, shared, across):
 def bucket_forward_reference(q, k, v, lay: Layout, *, causal, shared, across, scale):
     """Plain NumPy twin of :func:`bucket_forward`: every round's ``(o_r, lse_r)`` kept,
     then combined by ``L = logsumexp_r lse_r``, ``out = sum_r exp(lse_r - L) o_r``."""
-    from ..softmax import softmax_lse
     B, N = q.shape[:2]
     R = lay.qperm.shape[1]
     o = np.zeros((B, R, N, v.shape[-1]))
@@ -486,7 +485,14 @@ def bucket_forward_reference(q, k, v, lay: Layout, *, causal, shared, across, sc
                 allowed, counts = _allowed_counts(lay, b, r, qi, kj, causal, shared, across)
                 s = scale * (q[b, qi].astype(np.float64) @ k[b, kj].T.astype(np.float64))
                 s = s - np.log(np.maximum(counts, 1))
-                p, l = softmax_lse(s, allowed)
+                s = np.where(allowed, s, -np.inf)
+                top = np.max(s, axis=-1, keepdims=True)
+                top = np.where(np.isfinite(top), top, 0.0)
+                e = np.exp(s - top)                              # 0 where not allowed
+                total = e.sum(axis=-1, keepdims=True)
+                p = e / np.where(total > 0, total, 1.0)
+                with np.errstate(divide="ignore"):
+                    l = np.where(total[:, 0] > 0, top[:, 0] + np.log(total[:, 0]), -np.inf)
                 o[b, r, qi] = p @ v[b, kj]
                 lr[b, r, qi] = l
     L = np.full((B, N), -np.inf)
@@ -502,7 +508,6 @@ def bucket_forward_reference(q, k, v, lay: Layout, *, causal, shared, across, sc
 def bucket_backward_reference(q, k, v, dout, out, lse, lay: Layout, *, causal, shared, across,
                               scale):
     """Plain NumPy twin of :func:`bucket_backward` (loops over sequences, rounds, chunks)."""
-    from ..softmax import probs_from_lse
     B, N = q.shape[:2]
     R = lay.qperm.shape[1]
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
@@ -517,7 +522,8 @@ def bucket_backward_reference(q, k, v, dout, out, lse, lay: Layout, *, causal, s
                     continue
                 allowed, counts = _allowed_counts(lay, b, r, qi, kj, causal, shared, across)
                 s = scale * (q[b, qi] @ k[b, kj].T) - np.log(np.maximum(counts, 1))
-                p = probs_from_lse(s, lse[b, qi], allowed)      # exp(s - L)
+                live = allowed & np.isfinite(lse[b, qi])[:, None]
+                p = np.where(live, np.exp(np.where(live, s - lse[b, qi][:, None], 0.0)), 0.0)  # exp(s - L)
                 dv[b, kj] += p.T @ dout[b, qi]
                 ds = p * (dout[b, qi] @ v[b, kj].T - delta[b, qi][:, None])
                 dq[b, qi] += scale * ds @ k[b, kj]

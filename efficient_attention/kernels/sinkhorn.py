@@ -1,10 +1,11 @@
 r"""Numba kernels for log-space Sinkhorn normalisation (non-causal) and its unrolled backward.
 
-The plain NumPy references are :func:`efficient_attention.sinkhorn.sinkhorn`
-and :func:`efficient_attention.sinkhorn.sinkhorn_backward` (the functions the
-chapter's docstring derives); ``sinkhorn_reference`` /
-``sinkhorn_backward_reference`` below wrap them with the kernels' array
-layout, and the tests assert the two agree.
+``sinkhorn_reference`` / ``sinkhorn_backward_reference`` below are the plain
+NumPy twins, in the kernels' array layout, of the same steps that the
+chapter's :func:`efficient_attention.sinkhorn.sinkhorn` and
+:func:`~efficient_attention.sinkhorn.sinkhorn_backward` derive (written again
+here so that the kernels floor imports nothing above it); the tests assert
+that kernel, twin and chapter agree.
 
 Why a kernel: NumPy spends most of a Sinkhorn round in separate passes
 (max, subtract, exp, sum, log, subtract) and in strided column reductions;
@@ -108,21 +109,36 @@ def sinkhorn_backward_kernel(g, post, norms):
                         xb[i, j] += r
 
 
+def _lse(x, axis):
+    """log-sum-exp along ``axis`` (kept), an all ``-inf`` line counting as 0."""
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    with np.errstate(divide="ignore"):
+        out = top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True))
+    return np.where(np.isneginf(out), 0, out)
+
+
 def sinkhorn_reference(log_p, norms):
-    """NumPy twin of :func:`sinkhorn_kernel` (same layout, same in-place contract)."""
-    from ..sinkhorn import sinkhorn
-    out, steps = sinkhorn(log_p.copy(), norms.shape[1] // 2, causal=False)
-    log_p[...] = out
-    for i, s in enumerate(steps):
-        norms[:, i, :] = s
+    """NumPy twin of :func:`sinkhorn_kernel` (same layout, same in-place contract): round ``i``
+    subtracts the row log-sum-exp (``norms[:, 2i]``), then the column one (``norms[:, 2i+1]``)."""
+    for i in range(norms.shape[1] // 2):
+        r = _lse(log_p, -1)                                    # L ← L − lse_row(L)
+        log_p -= r
+        norms[:, 2 * i, :] = r[..., 0]
+        c = _lse(log_p, -2)                                    # L ← L − lse_col(L)
+        log_p -= c
+        norms[:, 2 * i + 1, :] = c[..., 0, :]
 
 
 def sinkhorn_backward_reference(g, post, norms):
-    """NumPy twin of :func:`sinkhorn_backward_kernel` (same layout, same in-place contract)."""
-    from ..sinkhorn import sinkhorn_backward
-    steps = [norms[:, i, :] for i in range(norms.shape[1])]
-    g[...] = sinkhorn_backward(g.copy(), post.copy(), steps, causal=False)
-    # L(0) = L(final) + every normaliser, broadcast along its axis
-    total_rows = sum(norms[:, i, :] for i in range(0, norms.shape[1], 2))
-    total_cols = sum(norms[:, i, :] for i in range(1, norms.shape[1], 2))
-    post += total_rows[:, :, None] + total_cols[:, None, :]
+    """NumPy twin of :func:`sinkhorn_backward_kernel` (same layout, same in-place contract):
+    the steps in reverse, ``dL_pre = dL_post − exp(L_post) ⊙ Σ dL_post`` over the step's axis,
+    ``L_pre = L_post + normaliser`` (``post`` ends as the logits before the first step)."""
+    for step in range(norms.shape[1] - 1, -1, -1):
+        p_post = np.exp(post)
+        if step % 2:                                           # column step
+            g -= p_post * g.sum(axis=-2, keepdims=True)
+            post += norms[:, step, None, :]
+        else:                                                  # row step
+            g -= p_post * g.sum(axis=-1, keepdims=True)
+            post += norms[:, step, :, None]
