@@ -153,10 +153,13 @@ class AttentionCore:
         return None
 
     def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({cfg})"
 
-    def _config(self) -> dict:
+    def options(self) -> dict:
+        """The constructor's keyword arguments that configure this core (what ``repr`` shows;
+        learnable parameters are in ``params``): ``type(core)(**core.options())`` builds an
+        equal core when the options are all plain values."""
         return {}
 
 

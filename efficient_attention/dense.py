@@ -117,7 +117,7 @@ class DenseAttention(AttentionCore):
         self.causal = check_bool(causal, "causal")
         self.scale = check_scale(scale)
 
-    def _config(self):
+    def options(self):
         return {"causal": self.causal, "scale": self.scale}
 
     @finite_policy

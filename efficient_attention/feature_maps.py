@@ -41,7 +41,7 @@ variance (§2.4 of the paper).
 
 **Stabilisation.** ``exp`` of ``ωᵀx′ − ‖x′‖²/2`` can under- or overflow.
 :meth:`PerformerFeatureMap.forward` returns the exact features; linear
-attention instead calls ``_stable(x, shift)``, which returns ``φ̂ = φ·e^{-s}``
+attention instead calls ``stable_forward(x, shift)``, which returns ``φ̂ = φ·e^{-s}``
 and the log-scale ``s``: per row for queries (``shift="row"``), one value per
 sequence for keys (``"shared"``: the maximum over the keys, non-causal), or
 the data-independent bound ``s = max_r ‖ω_r‖²/2 ≥ ωᵀx′ − ‖x′‖²/2``
@@ -98,7 +98,22 @@ def _check_omega(omega, name: str = "omega") -> np.ndarray:
 
 
 class FeatureMap:
-    """Base class: ``φ`` applied to the last axis, ``(..., N, D) -> (..., N, F)``."""
+    """Base class: ``φ`` applied to the last axis, ``(..., N, D) -> (..., N, F)``.
+
+    The protocol :class:`~efficient_attention.LinearAttention` uses (a map of your own
+    implements the first two; the others have defaults):
+
+    ``forward(x) -> (phi, cache)`` and ``backward(cache, dphi) -> dx``
+        the map and its gradient, with the input checks of a public entry point;
+    ``stable_forward(x, shift) -> (phi_hat, log_scale, cache)``
+        ``φ = φ̂·exp(log_scale)`` with a log-scale per row (``shift="row"``) or one per
+        sequence (``"shared"``, ``"bound"``), so that exponential features cannot overflow
+        (default: no shift, ``log_scale`` None); no input checks (the caller has made them);
+    ``backward_consuming(cache, dphi) -> dx``
+        ``backward`` for a ``dphi`` the caller gives up (the result may be written over it);
+        no input checks;
+    ``n_features(d)``, ``check_width(d)``, ``flops(n, d)``, ``params``.
+    """
 
     #: whether ``_stable`` uses its ``shift`` (False: the log-scale is always 0)
     stabilised: bool = False
@@ -126,7 +141,7 @@ class FeatureMap:
     def backward(self, cache, dphi, *, check_finite: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _backward_consuming(self, cache, dphi):
+    def backward_consuming(self, cache, dphi):
         """``backward`` for a ``dphi`` the caller gives up: the result may be written over it
         (linear attention's ``dφ(Q)``, ``dφ(K)`` are temporaries; reusing them saves two
         fresh ``N × D`` arrays per backward). Default: ``backward``."""
@@ -135,7 +150,7 @@ class FeatureMap:
     def __call__(self, x):
         return self.forward(x)[0]
 
-    def _stable(self, x: np.ndarray, shift: str):
+    def stable_forward(self, x: np.ndarray, shift: str):
         """``(phi_hat, log_scale, cache)`` with ``phi = phi_hat * exp(log_scale)``.
 
         ``log_scale`` is None (zero), or ``(..., N)`` for ``shift="row"``, or
@@ -174,7 +189,7 @@ class EluFeatureMap(FeatureMap):
             check_finite_array(x, "x")
         return self._phi(x)
 
-    def _stable(self, x, shift):
+    def stable_forward(self, x, shift):
         phi, cache = self._phi(_check_x(x))        # linear attention has checked its q and k
         return phi, None, cache
 
@@ -192,7 +207,7 @@ class EluFeatureMap(FeatureMap):
         dphi = check_dout(dphi, cache.phi.shape, None, "dphi", check_finite=check_finite)
         return self._backward(cache, dphi, False)
 
-    def _backward_consuming(self, cache, dphi):
+    def backward_consuming(self, cache, dphi):
         return self._backward(cache, dphi, True)
 
     def _backward(self, cache, dphi, consume):
@@ -293,7 +308,7 @@ class PerformerFeatureMap(FeatureMap):
             raise ValueError(f"{name} must have feature width D = {self.omega.shape[1]} "
                              f"(omega has shape {self.omega.shape}), got D = {d}")
 
-    def _config(self):
+    def options(self):
         return {"omega": f"array{self.omega.shape}", "kind": self.kind}
 
     def flops(self, n, d, *, backward=False):
@@ -410,7 +425,7 @@ class PerformerFeatureMap(FeatureMap):
         phi = h.reshape(lead + (m,))
         return phi, s, _PerformerCache(x, phi, omega)
 
-    def _stable(self, x, shift):
+    def stable_forward(self, x, shift):
         return self._forward(x, shift)
 
     @finite_policy
@@ -421,7 +436,7 @@ class PerformerFeatureMap(FeatureMap):
         dphi = check_dout(dphi, cache.phi.shape, None, "dphi", check_finite=check_finite)
         return self._backward(cache, dphi, False)
 
-    def _backward_consuming(self, cache, dphi):
+    def backward_consuming(self, cache, dphi):
         return self._backward(cache, dphi, True)
 
     def _backward(self, cache, dphi, consume):
@@ -532,7 +547,7 @@ class RandomFourierFeatureMap(FeatureMap):
             check_finite_array(x, "x")
         return self._phi(x)
 
-    def _stable(self, x, shift):
+    def stable_forward(self, x, shift):
         x = _check_x(x)                                # linear attention has checked its q and k
         self.check_width(x.shape[-1])
         phi, cache = self._phi(x)
@@ -554,9 +569,9 @@ class RandomFourierFeatureMap(FeatureMap):
         check_cache(cache, _RffCache, "RandomFourierFeatureMap")
         dphi = check_dout(dphi, cache.sin.shape[:-1] + (2 * cache.omega.shape[0],), None, "dphi",
                           check_finite=check_finite)
-        return self._backward_consuming(cache, dphi)
+        return self.backward_consuming(cache, dphi)
 
-    def _backward_consuming(self, cache, dphi):          # reads dphi, never writes it
+    def backward_consuming(self, cache, dphi):          # reads dphi, never writes it
         xhat, norm, s, c, omega = cache
         m = omega.shape[0]
         scale = xhat.dtype.type(m ** -0.5)

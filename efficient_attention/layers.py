@@ -72,8 +72,8 @@ class _MHACache(NamedTuple):
 def _scalar_config(core) -> dict | None:
     """A core's configuration when it only holds plain scalars (safe to compare), else None."""
     try:
-        cfg = core._config()
-    except Exception:  # pragma: no cover - a core without _config
+        cfg = core.options()
+    except Exception:  # pragma: no cover - a core without options()
         return None
     scalar = (bool, int, float, str, np.integer, np.floating)
     for value in cfg.values():

@@ -237,7 +237,7 @@ class LinearAttention(AttentionCore):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
 
-    def _config(self):
+    def options(self):
         return {"feature_map": self.feature_map, "causal": self.causal, "eps": self.eps}
 
     @property
@@ -255,7 +255,7 @@ class LinearAttention(AttentionCore):
         if hasattr(fm, "check_width"):
             fm.check_width(x.shape[-1], name)
         if isinstance(fm, FeatureMap):
-            phi, log_scale, cache = fm._stable(x, shift)
+            phi, log_scale, cache = fm.stable_forward(x, shift)
         else:
             (phi, cache), log_scale = fm.forward(x), None
         phi = np.asarray(phi)
@@ -298,7 +298,7 @@ class LinearAttention(AttentionCore):
             dphq, dphk, dv = _backward_noncausal(cache.phq, cache.phk, cache.v, cache.out, cache.den,
                                                  cache.s, cache.z, dout)
         # dφ(Q), dφ(K) are temporaries: a FeatureMap may write dQ, dK over them
-        fm_backward = (self.feature_map._backward_consuming if isinstance(self.feature_map, FeatureMap)
+        fm_backward = (self.feature_map.backward_consuming if isinstance(self.feature_map, FeatureMap)
                        else self.feature_map.backward)
         dq = fm_backward(cache.cache_q, dphq)
         del dphq                                                 # keep the peak at O(N·(F + Dv))

@@ -509,7 +509,7 @@ class LocalAttention(_BandedAttention):
         self.causal = check_bool(causal, "causal")
         self.scale = check_scale(scale)
 
-    def _config(self):
+    def options(self):
         return {"window": self.window, "causal": self.causal, "scale": self.scale}
 
     @finite_policy
@@ -565,7 +565,7 @@ class StridedAttention(_BandedAttention):
         self.causal = check_bool(causal, "causal")
         self.scale = check_scale(scale)
 
-    def _config(self):
+    def options(self):
         return {"stride": self.stride, "window": self.window, "causal": self.causal, "scale": self.scale}
 
     @finite_policy

@@ -315,7 +315,7 @@ class LinformerAttention(AttentionCore):
     def params(self) -> dict:
         return {"e": self.e} if self.f is None else {"e": self.e, "f": self.f}
 
-    def _config(self):
+    def options(self):
         return {"e": self.e.shape, "f": None if self.f is None else self.f.shape, "scale": self.scale}
 
     @finite_policy
@@ -553,7 +553,7 @@ class CompressedAttention(AttentionCore):
     def params(self) -> dict:
         return {"w_k": self.w_k, "w_v": self.w_v}
 
-    def _config(self):
+    def options(self):
         return {"w_k": self.w_k.shape, "w_v": self.w_v.shape, "stride": self.stride,
                 "causal": self.causal, "scale": self.scale}
 

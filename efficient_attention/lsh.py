@@ -207,7 +207,7 @@ class LSHAttention(AttentionCore):
         self.rotations = rotations
         self._drawn: dict[int, np.ndarray] = {}
 
-    def _config(self):
+    def options(self):
         return {"n_buckets": self.n_buckets, "n_hashes": self.n_hashes, "chunk_size": self.chunk_size,
                 "causal": self.causal, "shared_qk": self.shared_qk,
                 "attend_across_buckets": self.attend_across_buckets, "seed": self.seed,

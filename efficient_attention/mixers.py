@@ -117,7 +117,7 @@ def _batch_dot(a, b):
 
 
 def _repr(self):
-    return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._config().items()) + ")"
+    return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.options().items()) + ")"
 
 
 # -- FNet ------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class FourierMixer(SequenceLayer):
     def __init__(self):
         pass
 
-    def _config(self):
+    def options(self):
         return {}
 
     __repr__ = _repr
@@ -215,7 +215,7 @@ class TokenMixingMLP(SequenceLayer):
     def params(self):
         return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
 
-    def _config(self):
+    def options(self):
         return {"n": self.n, "dh": self.w1.shape[1]}
 
     __repr__ = _repr
@@ -309,7 +309,7 @@ class SpatialGatingUnit(SequenceLayer):
     def params(self):
         return {"w": self.w, "b": self.b}
 
-    def _config(self):
+    def options(self):
         return {"n": self.n, "causal": self.causal, "eps": self.eps}
 
     __repr__ = _repr
@@ -415,7 +415,7 @@ class GatedMLP(SequenceLayer):
         return {"w_in": self.w_in, "b_in": self.b_in, "w": self.sgu.w, "b": self.sgu.b,
                 "w_out": self.w_out, "b_out": self.b_out}
 
-    def _config(self):
+    def options(self):
         return {"n": self.n, "d": self.d, "f": self.f, "causal": self.causal}
 
     __repr__ = _repr

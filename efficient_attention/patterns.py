@@ -55,13 +55,12 @@ arrays whenever they fit.
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 import scipy.sparse as sp
 
 from . import config
-from .validate import check_bool, check_csr, check_int
+from .validate import check_bool, check_csr, check_indices, check_int
 
 __all__ = [
     "local",
@@ -121,24 +120,6 @@ def _canonical(p) -> sp.csr_array:
     p.sum_duplicates()
     p.sort_indices()
     return p
-
-
-def _check_indices(indices, n: int | None, name: str) -> np.ndarray:
-    """Token indices as a sorted, de-duplicated int64 array, each in ``[0, n)`` (``>= 0`` when n is None)."""
-    if isinstance(indices, (numbers.Integral, np.integer)) and not isinstance(indices, bool):
-        indices = [indices]
-    arr = np.asarray(indices)
-    if arr.size == 0:
-        return np.zeros(0, np.int64)
-    if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
-        raise TypeError(f"{name} must be a sequence of integers, got dtype {arr.dtype}")
-    arr = arr.reshape(-1).astype(np.int64)
-    if n is None:
-        if arr.min() < 0:
-            raise ValueError(f"{name} must be >= 0, got min {arr.min()}")
-    elif arr.min() < 0 or arr.max() >= n:
-        raise ValueError(f"{name} must lie in [0, {n}) (n = {n}), got min {arr.min()}, max {arr.max()}")
-    return np.unique(arr)
 
 
 # --------------------------------------------------------------------------- builders
@@ -216,7 +197,7 @@ def global_tokens(n: int, indices) -> sp.csr_array:
     .#..
     """
     n = check_int(n, "n", minimum=0)
-    g = _check_indices(indices, n, "indices")
+    g = check_indices(indices, n, "indices")
     is_global = np.zeros(n, bool)
     is_global[g] = True
     count = np.where(is_global, n, g.size).astype(np.int64)  # global rows: all keys; others: the globals

@@ -148,7 +148,7 @@ class RoutingAttention(AttentionCore):
         self.top_k = check_int(top_k, "top_k", minimum=1, allow_none=True)
         self.scale = check_scale(scale)
 
-    def _config(self):
+    def options(self):
         return {"centroids": f"array{self.centroids.shape}", "causal": self.causal,
                 "top_k": self.top_k, "scale": self.scale}
 

@@ -498,7 +498,7 @@ class SinkhornAttention(AttentionCore):
     def params(self):
         return {"w_sort": self.w_sort}
 
-    def _config(self):
+    def options(self):
         return {"block_size": self.block_size, "n_blocks": self.n_blocks, "n_iters": self.n_iters,
                 "temperature": self.temperature, "causal": self.causal, "sortcut": self.sortcut,
                 "seed": self.seed, "scale": self.scale}

@@ -53,7 +53,7 @@ from . import patterns as _patterns
 from .core import AttentionCore, Cost, Grads
 from .dense import DenseAttention
 from .kernels import sparse as _k
-from .validate import (as_float_array, check_cache, check_csr, check_dout, check_int, check_qkv,
+from .validate import (as_float_array, check_cache, check_csr, check_dout, check_indices, check_int, check_qkv,
                        check_scale, resolve_scale, finite_policy)
 
 __all__ = ["SparseAttention", "GlobalAttention"]
@@ -176,7 +176,7 @@ class SparseAttention(AttentionCore):
         """The canonical pattern (a list when one per head)."""
         return list(self.patterns) if self.per_head else self.patterns[0]
 
-    def _config(self):
+    def options(self):
         shape = (len(self.patterns),) + (self.n, self.m) if self.per_head else (self.n, self.m)
         return {"pattern": f"<{'per-head ' if self.per_head else ''}pattern {shape}, nnz {sum(self._index.nnz)}>",
                 "scale": self.scale}
@@ -277,7 +277,7 @@ class GlobalAttention(AttentionCore):
     def __init__(self, indices=(), n_extra: int = 0, d: int | None = None, dv: int | None = None,
                  seed: int = 0, scale: float | None = None):
         self.scale = check_scale(scale)
-        self.indices = _patterns._check_indices(indices, None, "indices")
+        self.indices = check_indices(indices, None, "indices")
         self.n_extra = check_int(n_extra, "n_extra", minimum=0)
         self.seed = check_int(seed, "seed", minimum=0)
         self._params = {}
@@ -296,7 +296,7 @@ class GlobalAttention(AttentionCore):
     def params(self):
         return self._params
 
-    def _config(self):
+    def options(self):
         return {"indices": tuple(self.indices.tolist()), "n_extra": self.n_extra, "d": self.d,
                 "dv": self.dv, "seed": self.seed, "scale": self.scale}
 
@@ -409,7 +409,7 @@ class GlobalAttention(AttentionCore):
         ``forward`` (rows ``E:``) and ``forward_extra`` (rows ``:E``) is ``DenseAttention`` over the
         concatenated queries, keys and values with this mask."""
         n = check_int(n, "n", minimum=0)
-        g = _patterns._check_indices(self.indices, n, "indices")
+        g = check_indices(self.indices, n, "indices")
         return _patterns.global_tokens(n + self.n_extra,
                                        np.concatenate([np.arange(self.n_extra), g + self.n_extra])).toarray()
 

@@ -157,11 +157,11 @@ class _Synthesizer(SequenceLayer):
         params = self.params
         return LayerGrads(dx, {k: np.asarray(g).astype(params[k].dtype, copy=False) for k, g in grads.items()})
 
-    def _config(self):
+    def options(self):
         return {"n": self.n, "d": self.w_v.shape[0], "causal": self.causal}
 
     def __repr__(self):
-        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._config().items()) + ")"
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.options().items()) + ")"
 
 
 class DenseSynthesizer(_Synthesizer):

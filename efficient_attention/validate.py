@@ -48,6 +48,7 @@ __all__ = [
     "check_scale",
     "resolve_scale",
     "check_bool",
+    "check_indices",
     "finite_policy",
 ]
 
@@ -300,6 +301,24 @@ def check_mask(mask, n: int, m: int, batch_shape=()):
     if shape != target:
         raise ValueError(f"mask must broadcast to (..., N, M) = {target}, got shape {mask.shape}")
     return mask
+
+
+def check_indices(indices, n: int | None, name: str) -> np.ndarray:
+    """Token indices as a sorted, de-duplicated int64 array, each in ``[0, n)`` (``>= 0`` when n is None)."""
+    if isinstance(indices, (numbers.Integral, np.integer)) and not isinstance(indices, bool):
+        indices = [indices]
+    arr = np.asarray(indices)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must be a sequence of integers, got dtype {arr.dtype}")
+    arr = arr.reshape(-1).astype(np.int64)
+    if n is None:
+        if arr.min() < 0:
+            raise ValueError(f"{name} must be >= 0, got min {arr.min()}")
+    elif arr.min() < 0 or arr.max() >= n:
+        raise ValueError(f"{name} must lie in [0, {n}) (n = {n}), got min {arr.min()}, max {arr.max()}")
+    return np.unique(arr)
 
 
 def finite_policy(method):

@@ -75,11 +75,11 @@ def test_float32_feature_map_kernels_match_the_numpy_lines(shift, shape, monkeyp
     x = (0.8 * np.random.default_rng(5).standard_normal(shape)).astype(np.float32)
     dphi = np.random.default_rng(6).standard_normal(shape[:-1] + (16,)).astype(np.float32)
     assert fm._kernel_path(x)
-    phi, s, cache = fm._stable(x, shift)
+    phi, s, cache = fm.stable_forward(x, shift)
     dx = fm.backward(cache, dphi)
     monkeypatch.setattr(ea.config, "FEATURE_ROW_KERNELS", False)
     assert not fm._kernel_path(x)
-    phi_np, s_np, cache_np = fm._stable(x, shift)
+    phi_np, s_np, cache_np = fm.stable_forward(x, shift)
     dx_np = fm.backward(cache_np, dphi)
     for got, want in ((phi, phi_np), (dx, dx_np)):
         assert got.dtype == np.float32 and got.shape == want.shape
@@ -96,8 +96,8 @@ def test_float32_feature_map_kernels_against_float64():
     x = (0.5 * np.random.default_rng(7).standard_normal((2, 4096, 64)))
     dphi = np.random.default_rng(8).standard_normal((2, 4096, 64))
     for shift in ("row", "bound"):
-        phi32, _, c32 = fm._stable(x.astype(np.float32), shift)
-        phi64, _, c64 = fm._stable(x, shift)
+        phi32, _, c32 = fm.stable_forward(x.astype(np.float32), shift)
+        phi64, _, c64 = fm.stable_forward(x, shift)
         np.testing.assert_allclose(phi32, phi64, rtol=2e-5, atol=1e-6 * phi64.max())
         dx32 = fm.backward(c32, dphi.astype(np.float32))
         dx64 = fm.backward(c64, dphi)
@@ -146,7 +146,7 @@ def test_float32_elu_map_kernels_match_the_numpy_lines(monkeypatch):
 
 @pytest.mark.parametrize("fmap", ["elu", "performer"])
 def test_consuming_backward_equals_backward_and_only_overwrites_when_allowed(fmap):
-    """LinearAttention hands its dφ temporaries to ``_backward_consuming``, which may write dx
+    """LinearAttention hands its dφ temporaries to ``backward_consuming``, which may write dx
     over them; ``backward`` never touches its argument."""
     from efficient_attention.feature_maps import EluFeatureMap
     fm = EluFeatureMap() if fmap == "elu" else _performer(d=8, m=8)
@@ -156,6 +156,6 @@ def test_consuming_backward_equals_backward_and_only_overwrites_when_allowed(fma
     keep = dphi.copy()
     dx = fm.backward(cache, dphi)
     np.testing.assert_array_equal(dphi, keep)
-    dx2 = fm._backward_consuming(cache, dphi)
+    dx2 = fm.backward_consuming(cache, dphi)
     np.testing.assert_array_equal(dx2, dx)
     assert np.shares_memory(dx2, dphi)

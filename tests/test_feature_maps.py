@@ -64,7 +64,7 @@ def test_performer_stable_features_times_scale_are_exact(shift, kind):
     d = 5
     fm = PerformerFeatureMap(PerformerFeatureMap.draw(d, 8, 0), kind=kind)
     x = 2 * np.random.default_rng(2).standard_normal((2, 3, 6, d))
-    phi_hat, s, _ = fm._stable(x, shift)
+    phi_hat, s, _ = fm.stable_forward(x, shift)
     scale = np.exp(s[..., None] if shift == "row" else s[..., None, None])
     np.testing.assert_allclose(phi_hat * scale, fm(x), rtol=1e-12)
     if shift in ("row", "bound"):
@@ -96,7 +96,7 @@ def test_feature_map_gradcheck_with_batch_and_heads(index):
 def test_performer_stable_backward_is_derivative_with_scale_held(shift):
     fm = PerformerFeatureMap(PerformerFeatureMap.draw(4, 6, 1))
     x = np.random.default_rng(3).standard_normal((2, 5, 4))
-    _, s, _ = fm._stable(x, shift)
+    _, s, _ = fm.stable_forward(x, shift)
     s_fixed = s[..., None] if shift == "row" else s[..., None, None]
 
     def fwd(x_):
@@ -104,7 +104,7 @@ def test_performer_stable_backward_is_derivative_with_scale_held(shift):
         return phi * np.exp(-s_fixed), cache
 
     def bwd(cache, dphi_hat):
-        _, _, c = fm._stable(cache.x, shift)
+        _, _, c = fm.stable_forward(cache.x, shift)
         return (fm.backward(c, dphi_hat),)
 
     assert ea.gradcheck(fwd, (x,), bwd) < 1e-7
@@ -226,10 +226,10 @@ def test_performer_row_blocks_do_not_change_the_result(kind, shift, monkeypatch)
     fm = PerformerFeatureMap(PerformerFeatureMap.draw(4, 6, 2), kind=kind)
     rng = np.random.default_rng(7)
     x, dphi = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 5, fm.n_features(4)))
-    phi, s, cache = fm._stable(x, shift)
+    phi, s, cache = fm.stable_forward(x, shift)
     dx = fm.backward(cache, dphi)
     monkeypatch.setattr(ea.config, "FEATURE_ROW_BLOCK", 3)
-    phi3, s3, cache3 = fm._stable(x, shift)
+    phi3, s3, cache3 = fm.stable_forward(x, shift)
     np.testing.assert_allclose(phi3, phi, rtol=1e-14, atol=0)
     if s is None:
         assert s3 is None

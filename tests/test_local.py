@@ -159,7 +159,7 @@ def test_strided_is_local_on_each_residue_class():
 def test_gradcheck(core):
     q, k, v, _ = _arrays((2,), 19, 4, 3, np.float64, seed=7)
     assert gradcheck(core, (q, k, v)) < 1e-7
-    core2 = type(core)(**core._config())
+    core2 = type(core)(**core.options())
     core2.query_block, core2.key_block = 4, 5          # the chunked online-softmax path too
     assert gradcheck(core2, (q, k, v)) < 1e-7
 
