@@ -190,7 +190,7 @@ class EluFeatureMap(FeatureMap):
         return self._phi(x)
 
     def stable_forward(self, x, shift):
-        phi, cache = self._phi(_check_x(x))        # linear attention has checked its q and k
+        phi, cache = self._phi(x)                  # no checks: linear attention has made them
         return phi, None, cache
 
     def _phi(self, x):
@@ -349,14 +349,14 @@ class PerformerFeatureMap(FeatureMap):
     @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         """Exact features ``φ(x)`` ``(..., N, F)`` (no stabiliser)."""
-        return self._forward(x, None, check_finite)[::2]
-
-    def _forward(self, x, shift, check_finite=False):
-        block = config.FEATURE_ROW_BLOCK
         x = _check_x(x)
         self.check_width(x.shape[-1])
         if check_finite:
             check_finite_array(x, "x")
+        return self._forward(x, None)[::2]
+
+    def _forward(self, x, shift):
+        block = config.FEATURE_ROW_BLOCK
         if shift not in (None, "row", "shared", "bound"):
             raise ValueError(f"shift must be None, 'row', 'shared' or 'bound', got {shift!r}")
         if self._kernel_path(x):
@@ -548,9 +548,7 @@ class RandomFourierFeatureMap(FeatureMap):
         return self._phi(x)
 
     def stable_forward(self, x, shift):
-        x = _check_x(x)                                # linear attention has checked its q and k
-        self.check_width(x.shape[-1])
-        phi, cache = self._phi(x)
+        phi, cache = self._phi(x)                      # no checks: linear attention has made them
         return phi, None, cache
 
     def _phi(self, x):
