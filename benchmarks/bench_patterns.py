@@ -1,4 +1,4 @@
-"""Chapter 1 benchmark: banded local / strided attention (issue 3, "Speed and memory").
+"""Chapter 1 benchmark: banded local / strided attention, speed and memory against the chapter's targets.
 
 fp32, d = 64, 8 heads, window 256 (513 keys per query), N = 4096 … 65536, forward and
 forward+backward; beside it, in the same run, dense masked NumPy attention (one head at a time,
@@ -12,7 +12,7 @@ in a subprocess to measure the whole-process peak RSS.
     python benchmarks/bench_patterns.py            # full sizes (minutes)
     python benchmarks/bench_patterns.py --quick    # tiny sizes (seconds)
 
-Targets (issue 3): fwd+bwd at N = 16384 >= 25% of the fp32 GEMM peak; N -> 4N costs <= 4.4x;
+Targets: fwd+bwd at N = 16384 >= 25% of the fp32 GEMM peak; N -> 4N costs <= 4.4x;
 peak RSS < 2 GB for one head at N = 2^20 (fwd+bwd); >= 2x faster than a PyTorch peer (when one
 is installed).
 """
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
               f"{rss['arrays MiB']:.0f} MiB; peak RSS = the child's VmHWM):\n")
         print(bench.markdown_table([rss]))
 
-    # the issue's targets, judged on this run
-    print("\nTargets" + (" (--quick: tiny sizes, NOT the issue's; shown only to exercise the script):"
+    # the chapter's targets, judged on this run
+    print("\nTargets" + (" (--quick: tiny sizes, NOT the targets' sizes; shown only to exercise the script):"
                           if args.quick else ":"))
     at = [r for r in rows if r["variant"] == "local" and r["N"] == 16384]
     if at:
