@@ -20,11 +20,11 @@ machine's float32 GEMM peak (``bench.gemm_peak``, read once at the start) and of
 2048² GEMM timed in the same rounds as the variant (this process's BLAS; the GEMM-fraction
 target is judged on the higher of the two readings); ``×N→4N`` the time ratio to
 the row with N/4, taken in each round (the two sizes timed side by side) and the median
-over rounds (``bench.median_ratio``); peak traced memory of one forward+backward beside the size of
+over rounds (``harness.median_ratio``); peak traced memory of one forward+backward beside the size of
 q, k, v and dout together; the float32 output's relative error against the
 same core in float64 (first head).
 
-Targets (issue 4, for its configuration d = m = 64, i.e. FAVOR+): N→4N at most 4.4×;
+Targets (the chapter's, for its configuration d = m = 64, i.e. FAVOR+): N→4N at most 4.4×;
 causal forward+backward at N = 65536 at least 20 % of the float32 GEMM peak; causal peak
 memory at N = 262144 under 3× the size of q, k, v and dout. The elu+1 row is judged by
 the same thresholds on lines of its own.
@@ -42,6 +42,7 @@ import time
 
 import numpy as np
 
+import harness
 from efficient_attention import bench
 from efficient_attention.feature_maps import EluFeatureMap, PerformerFeatureMap
 from efficient_attention.linear import LinearAttention
@@ -85,7 +86,7 @@ def gemm_call():
 def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
     """The rows of one configuration; every size's forward, every size's forward+backward and
     a GEMM (:func:`gemm_call`) timed in interleaved rounds
-    (:func:`efficient_attention.bench.interleaved_rounds`), so every size's inputs are held at
+    (:func:`harness.interleaved_rounds`), so every size's inputs are held at
     once (2.7 GB for 4096 … 262144)."""
     inputs = {}
     for n in sizes:
@@ -101,11 +102,11 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             core.backward(cache, dout)
         return out
 
-    # every size's forward, then every size's forward+backward (as bench.interleaved_fwd_bwd),
+    # every size's forward, then every size's forward+backward (as harness.interleaved_fwd_bwd),
     # then a GEMM, in each round: the GEMM's rate is read side by side with the variant's
     fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b)) for kind in ("fwd", "fwd+bwd") for n in sizes}
     fns["gemm"] = gemm_call
-    timed = bench.interleaved_rounds(fns, repeat)
+    timed = harness.interleaved_rounds(fns, repeat)
     rounds = {n: (timed[n, "fwd"], timed[n, "fwd+bwd"]) for n in sizes}
     gemm_here = statistics.median(GEMM_FLOPS / t for t in timed["gemm"]) / 1e9
     rows, prev = [], None
@@ -127,8 +128,8 @@ def run_config(name, core, sizes, heads, d, m, peak, repeat, check_max_n):
             "err vs f64": float("nan"),
         }
         if prev is not None and prev["N"] * 4 == n:         # side by side: a ratio per round
-            row["×N→4N fwd"] = bench.median_ratio(rounds[n][0], rounds[prev["N"]][0])
-            row["×N→4N fwd+bwd"] = bench.median_ratio(rounds[n][1], rounds[prev["N"]][1])
+            row["×N→4N fwd"] = harness.median_ratio(rounds[n][0], rounds[prev["N"]][0])
+            row["×N→4N fwd+bwd"] = harness.median_ratio(rounds[n][1], rounds[prev["N"]][1])
         if n <= check_max_n:
             ref = core(*(np.asarray(a[:1], np.float64) for a in (q, k, v)))
             row["err vs f64"] = bench.rel_error(call(n, False)[:1], ref)
@@ -154,13 +155,13 @@ def control_rows(sizes, heads, d, repeat):
         s += v
         return s
 
-    rounds = bench.interleaved_rounds({n: (lambda n=n: add(n)) for n in sizes}, repeat, warmup=1)
+    rounds = harness.interleaved_rounds({n: (lambda n=n: add(n)) for n in sizes}, repeat, warmup=1)
     rows, prev = [], None
     for n in sizes:
         row = {"variant": "control: q + k + v (memory only)", "N": n,
                "fwd ms": 1e3 * statistics.median(rounds[n]), "×N→4N fwd": float("nan")}
         if prev is not None and prev["N"] * 4 == n:
-            row["×N→4N fwd"] = bench.median_ratio(rounds[n], rounds[prev["N"]])
+            row["×N→4N fwd"] = harness.median_ratio(rounds[n], rounds[prev["N"]])
         rows.append(row)
         prev = row
     return rows
@@ -219,7 +220,7 @@ def torch_rows_child(sizes, heads, d, m, peak, repeat):
     """:func:`torch_rows` in a fresh interpreter, ``(rows, reason)``.
 
     Its own process, so that its memory is its own, with the allocator the environment
-    gives it (not :func:`bench.retain_freed_memory`): with freed memory kept, PyTorch's
+    gives it (not :func:`harness.retain_freed_memory`): with freed memory kept, PyTorch's
     autograd on the N·F·Dv cumsum states fragmented the heap up to 24 GB at N = 16384 (the
     default allocator: 9.3 GB), and a full run was killed for memory. ``rows`` is None when
     torch is not installed; ``reason`` is None, or says why the child stopped early (e.g.
@@ -274,7 +275,7 @@ def rss_check(n, heads, d, m, inputs_mb):
             "out, cache = core.forward(q, k, v); g = core.backward(cache, dout)\n"
             "print('AFTER', hwm())\n")
     try:
-        res = bench.peak_rss(code)
+        res = harness.peak_rss(code)
     except (RuntimeError, OSError) as exc:       # e.g. no /proc
         print(f"- whole-process peak memory: not measured ({exc})")
         return
@@ -310,13 +311,13 @@ def main(argv=None):
                         "1 avoids OpenBLAS threads waiting on each other (default: BLAS's own; the "
                         "PyTorch child runs on PyTorch's own threads)")
     p.add_argument("--default-malloc", action="store_true",
-                   help="leave the C allocator as it is (default: bench.retain_freed_memory(), so that "
+                   help="leave the C allocator as it is (default: harness.retain_freed_memory(), so that "
                         "arrays of 32 MB or more are not fresh zeroed pages on every call)")
     args = p.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
     if not args.default_malloc:
-        bench.retain_freed_memory()
+        harness.retain_freed_memory()
     known = [c[0] for c in CONFIGS] + ["torch", "control"]
     if args.only and set(args.only) - set(known):
         p.error(f"--only: unknown {sorted(set(args.only) - set(known))}; choose from {known}")
@@ -342,7 +343,7 @@ def _run(args):
     peak = peak_info["float32"]
     print("# Chapter 4: linear attention (Performer FAVOR+), forward and forward+backward\n")
     print(bench.machine_header(with_peak=True))
-    print(bench.allocator_line())
+    print(harness.allocator_line())
     print(f"- BLAS threads for the timed runs: {args.blas_threads or 'default'} "
           f"(the GEMM peak above uses BLAS's default)")
     rounds_said = (f"{repeat} rounds" if repeat else
@@ -361,16 +362,16 @@ def _run(args):
         core = build(d, m, causal, method, fmap=fmap)
         ns = [n for n in sizes if max_n is None or n <= max_n or args.quick]
         rows += run_config(name, core, ns, heads, d, m, peak, repeat or config_rounds, check_max_n=16384)
-        bench.release_freed_memory()                  # the next configuration starts from a lean heap
+        harness.release_freed_memory()                # the next configuration starts from a lean heap
     ctl = control_rows(sizes, heads, d, repeat or 7) if not args.only or "control" in args.only else []
-    bench.release_freed_memory()                      # before the fresh-interpreter memory check
+    harness.release_freed_memory()                    # before the fresh-interpreter memory check
     want_torch = not args.only or "torch" in args.only
     trows, torch_failed = (torch_rows_child([n for n in sizes if n <= 16384], heads, d, m, peak, repeat or 3)
                            if want_torch else ([], None))
     torch_said = ("not run (--only)" if not want_torch else "not installed" if trows is None
                   else f"stopped early: {torch_failed}" if torch_failed else "run " + TORCH_HOW)
     meta = {"rounds": repeat or {c[0]: c[5] for c in CONFIGS} | {"control": 7, "torch": 3},
-            "growth": "median over rounds of the within-round ratio (bench.median_ratio)",
+            "growth": "median over rounds of the within-round ratio (harness.median_ratio)",
             "torch": torch_said}
     cols = ["variant", "N", "fwd ms", "fwd+bwd ms", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "% peak", "% GEMM in rounds",
             "×N→4N fwd", "×N→4N fwd+bwd", "peak MB", "peak/inputs", "err vs f64"]
@@ -400,10 +401,10 @@ def _run(args):
     print("\n## Targets" + (" (--quick: sizes far too small to judge them)" if args.quick else ""))
     if not lin:
         print("- (none of the target rows was run: performer, performer_causal (scan), linear_elu_causal (scan))")
-    # the issue's configuration is d = m = 64 random features (FAVOR+); elu+1 (no random
+    # the target configuration is d = m = 64 random features (FAVOR+); elu+1 (no random
     # features) is a row of this script beside it, judged by the same thresholds on lines of its own
-    for label, group in (("FAVOR+, the issue's configuration (d = m = 64)", ("performer", "performer_causal (scan)")),
-                         ("elu+1, a row beside the issue's configuration", ("linear_elu_causal (scan)",))):
+    for label, group in (("FAVOR+, the target configuration (d = m = 64)", ("performer", "performer_causal (scan)")),
+                         ("elu+1, a row beside the target configuration", ("linear_elu_causal (scan)",))):
         names = [name for name in group if any(r["variant"] == name for r in lin)]
         if not names:
             continue
@@ -419,7 +420,7 @@ def _run(args):
                 print(f"  - {name}: worst {w:.2f}× ({kind}, {n // 4} → {n}) → {'met' if w <= 4.4 else 'NOT met'}")
     for r in [r for r in scan if r["N"] == 65536]:
         # judged on the higher of two readings of the GEMM rate: the peak read at the start (as in
-        # the patterns issue) and the GEMM timed in this configuration's rounds; a shared machine's
+        # the chapter 1 benchmark) and the GEMM timed in this configuration's rounds; a shared machine's
         # speed drifts, and a single reading taken in a slow moment would flatter the fraction
         worst = min(r["% peak"], r["% GEMM in rounds"])
         print(f"- {r['variant']} fwd+bwd at N = 65536: {r['fwd+bwd GFLOP/s']:.1f} GFLOP/s = {r['% peak']:.1f}% of "

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+import harness
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
 from efficient_attention.lowrank import CompressedAttention, LinformerAttention
@@ -49,11 +50,11 @@ def main(argv=None) -> int:
                    help="timed rounds (median; each round times every size of a variant once, "
                         "after one warm-up round); default 3")
     p.add_argument("--default-malloc", action="store_true",
-                   help="leave the C allocator as it is (default: bench.retain_freed_memory(), so that "
+                   help="leave the C allocator as it is (default: harness.retain_freed_memory(), so that "
                         "arrays of 32 MB or more are not fresh zeroed pages on every call)")
     args = p.parse_args(argv)
     if not args.default_malloc:
-        bench.retain_freed_memory()
+        harness.retain_freed_memory()
     if args.blas_threads is not None:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=args.blas_threads, user_api="blas")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     dtype = np.float32
     print("# Chapter 3: no N x N matrix — Linformer and memory-compressed attention\n")
     print(bench.machine_header())
-    print(bench.allocator_line())
+    print(harness.allocator_line())
     print(f"- inputs: float32, d = dv = {d}, {heads} heads, standard normal; parameters float32; "
           + f"times are medians of {args.repeat} rounds after a warm-up round; " +
           "a round times every size of a variant once, in turn (forward at each size, then "
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     for label, ns, build, keys in configs:
         cores = {n: build(n) for n in ns}
         inputs = {n: bench.random_qkv((heads,), n, d, d, dtype, 0) for n in ns}   # every size's, at once
-        times = bench.interleaved_fwd_bwd(cores, inputs, args.repeat)
+        times = harness.interleaved_fwd_bwd(cores, inputs, args.repeat)
         del inputs
         by_n = {}
         for n in ns:
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
             by_n[n] = row
             rows.append(row)
             print(f"  done: {label} N={n} ({row['fwd+bwd ms']:.0f} ms fwd+bwd)", file=sys.stderr, flush=True)
-        bench.release_freed_memory()                  # the next configuration starts from a lean heap
+        harness.release_freed_memory()                # the next configuration starts from a lean heap
     cols = ["variant", "N", "K", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s", "peak MB", "time x4N", "mem x4N"]
     print(bench.markdown_table(rows, cols))
     if args.json:

@@ -1,4 +1,4 @@
-"""Chapter 1 benchmark: banded local / strided attention (issue 3, "Speed and memory").
+"""Chapter 1 benchmark: banded local / strided attention, speed and memory against the chapter's targets.
 
 fp32, d = 64, 8 heads, window 256 (513 keys per query), N = 4096 … 65536, forward and
 forward+backward; beside it, in the same run, dense masked NumPy attention (one head at a time,
@@ -12,7 +12,7 @@ in a subprocess to measure the whole-process peak RSS.
     python benchmarks/bench_patterns.py            # full sizes (minutes)
     python benchmarks/bench_patterns.py --quick    # tiny sizes (seconds)
 
-Targets (issue 3): fwd+bwd at N = 16384 >= 25% of the fp32 GEMM peak; N -> 4N costs <= 4.4x;
+Targets: fwd+bwd at N = 16384 >= 25% of the fp32 GEMM peak; N -> 4N costs <= 4.4x;
 peak RSS < 2 GB for one head at N = 2^20 (fwd+bwd); >= 2x faster than a PyTorch peer (when one
 is installed).
 """
@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+import harness
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
 from efficient_attention.local import LocalAttention, StridedAttention
@@ -57,18 +58,18 @@ print("hwm", [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith
 
 
 def measure_rss(n, d, window):
-    """Peak RSS of one head's fwd+bwd in a fresh process. ``bench.peak_rss`` reads ru_maxrss,
-    which on Linux starts from the *parent's* high-water mark across fork/exec; the child's own
-    VmHWM (/proc/self/status, reset at exec) is reported beside it and used for the target."""
+    """Peak RSS of one head's fwd+bwd in a fresh process (``harness.peak_rss``: the child's
+    VmHWM, /proc/self/status, reset at exec), and of a fresh process that only imports the
+    package (the baseline)."""
     def hwm(res):
         return int([ln for ln in res["stdout"].splitlines() if ln.startswith("hwm")][-1].split()[1]) / 1024
-    res = bench.peak_rss(RSS_CODE.format(n=n, d=d, window=window))
-    base = bench.peak_rss(BASE_CODE)
+    res = harness.peak_rss(RSS_CODE.format(n=n, d=d, window=window))
+    base = harness.peak_rss(BASE_CODE)
     times = [ln for ln in res["stdout"].splitlines() if ln.startswith("times")][-1]
     t_f, t_b = (float(x) for x in times.split()[1:])
     peak = hwm(res)
     return {"N": n, "heads": 1, "peak RSS MiB": peak, "peak RSS GB": peak * 2**20 / 1e9,
-            "ru_maxrss MiB": res["peak_rss_mb"], "fwd s": t_f, "bwd s": t_b,
+            "peak RSS at exit MiB": res["peak_rss_mb"], "fwd s": t_f, "bwd s": t_b,
             "arrays MiB": 7 * n * d * 4 / 2**20, "baseline MiB": hwm(base)}
 
 
@@ -200,8 +201,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  {name} N={n}: fwd+bwd {row['fwd+bwd ms']:.0f} ms", file=sys.stderr)
     if not args.quick:                                          # measure the peak again, after the timings
-        bench._GEMM_CACHE.clear()
-        again = bench.gemm_peak()
+        again = bench.gemm_peak(refresh=True)
         best = max(peak["float32"], again["float32"])
         print(f"- GEMM peak float32: {peak['float32']:.1f} GFLOP/s before, {again['float32']:.1f} GFLOP/s "
               f"after the timings (kernel {again['kernel']}, {again['threads']} threads); fractions use "
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
               f"{rss['arrays MiB']:.0f} MiB; peak RSS = the child's VmHWM):\n")
         print(bench.markdown_table([rss]))
 
-    # the issue's targets, judged on this run
-    print("\nTargets" + (" (--quick: tiny sizes, NOT the issue's; shown only to exercise the script):"
+    # the chapter's targets, judged on this run
+    print("\nTargets" + (" (--quick: tiny sizes, NOT the targets' sizes; shown only to exercise the script):"
                           if args.quick else ":"))
     at = [r for r in rows if r["variant"] == "local" and r["N"] == 16384]
     if at:

@@ -2,7 +2,8 @@
 every variant with a forward pass and a hand-written backward pass.
 
 Shape letters: B batch, H heads, N queries, M keys, D (``d``) query/key width,
-Dv value width, K projected length, R hash rounds, C buckets/clusters.
+Dv value width, K projected length, R hash rounds, C buckets/clusters, F features of
+a feature map; BH batch and heads flattened into one axis (in the kernels).
 
 Importing a chapter's module registers its variants (``registry()``).
 """

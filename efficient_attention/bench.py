@@ -1,4 +1,4 @@
-"""Benchmark harness shared by the main command and every ``benchmarks/`` script.
+"""Timing for the main command, and the building blocks the ``benchmarks/`` scripts share.
 
 What it measures, and how:
 
@@ -7,15 +7,12 @@ What it measures, and how:
   warm up with forward+backward calls, which run every kernel either timing uses);
 * **peak memory**: the peak of traced allocations during one forward +
   backward (``tracemalloc`` sees every NumPy buffer; kernels write into
-  buffers their NumPy wrappers allocate), and, for whole-process targets,
-  the peak RSS of a subprocess (:func:`peak_rss`);
+  buffers their NumPy wrappers allocate);
 * **GEMM peak**: float32/float64 ``numpy.matmul`` throughput measured in a
   subprocess started *without* ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``
   (which some machines set to dodge old OpenBLAS bugs; without them OpenBLAS
-  picks its native kernel, whose name is reported via threadpoolctl);
-* **allocator**: the chapter 3 and 4 scripts call :func:`retain_freed_memory` first (unless
-  ``--default-malloc``), so that freed arrays are reused rather than returned to the kernel
-  and faulted back in as fresh zeroed pages — see its docstring for why and what it costs;
+  picks its native kernel, whose name is reported via threadpoolctl), once per
+  process (:func:`gemm_peak`, ``refresh=True`` to measure again);
 * **useful FLOPs** from ``core.cost()``, so that a run's fraction of the GEMM
   peak is comparable across variants;
 * **error** of an exact variant against its float64 oracle (``err out``, ``err grad``):
@@ -32,6 +29,12 @@ What it measures, and how:
 
 Results are rows of dicts, printed as a Markdown table and optionally
 written as JSON.
+
+Nothing here changes the process it runs in: no allocator settings, no thread limits
+(``python -m efficient_attention --blas-threads`` limits BLAS for its own run and restores
+it), and ``tracemalloc`` is stopped again when it was not running. What only the benchmark
+scripts need (glibc allocator settings, interleaved rounds of timings, the peak RSS of a
+fresh interpreter) is their harness, ``benchmarks/harness.py``.
 """
 from __future__ import annotations
 
@@ -50,7 +53,6 @@ import numpy as np
 __all__ = [
     "median_time",
     "traced_peak",
-    "peak_rss",
     "gemm_peak",
     "blas_info",
     "machine_header",
@@ -60,11 +62,6 @@ __all__ = [
     "bench_core",
     "bench_layer",
     "random_qkv",
-    "retain_freed_memory",
-    "interleaved_rounds",
-    "interleaved_times",
-    "interleaved_fwd_bwd",
-    "median_ratio",
 ]
 
 
@@ -78,148 +75,6 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def interleaved_rounds(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """Wall times in seconds of each ``fns[key]()``, ``{key: [one per timed round]}``, timed
-    in rounds that call every key once, in order (``warmup`` untimed rounds first).
-
-    Meant for growth factors (time at 4N over time at N). Each call follows a call of
-    another key, so no size finds its inputs still in cache from its own previous
-    repetition: in back-to-back repetitions, the smallest sizes can, and look cheaper.
-    Drift of a shared machine over a run also hits every key alike, and the times of one
-    round were taken side by side (:func:`median_ratio` pairs them). Every key's inputs
-    must be held at once.
-    """
-    keys = list(fns)
-    times = {key: [] for key in keys}
-    for r in range(max(0, warmup) + max(1, repeat)):
-        for key in keys:
-            t0 = time.perf_counter()
-            fns[key]()
-            if r >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    return times
-
-
-def interleaved_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """Median wall time in seconds of each ``fns[key]()`` over the rounds of
-    :func:`interleaved_rounds`."""
-    return {key: statistics.median(t) for key, t in interleaved_rounds(fns, repeat, warmup).items()}
-
-
-def median_ratio(num, den) -> float:
-    """Median over rounds of ``num[i] / den[i]``: a ratio of two times taken in the same
-    round (:func:`interleaved_rounds`), side by side. A shared machine's speed drifts
-    between rounds; a ratio of two medians can pair a fast round of one key with a slow
-    round of the other, and this cannot."""
-    if len(num) != len(den) or not len(num):
-        raise ValueError(f"median_ratio needs two equally long, non-empty lists of times, "
-                         f"got {len(num)} and {len(den)}")
-    return statistics.median(a / b for a, b in zip(num, den))
-
-
-def interleaved_fwd_bwd(cores: dict, inputs: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """``{n: (t_fwd, t_fwd_bwd)}`` for ``cores[n]`` on ``inputs[n] = (q, k, v, dout)``: every
-    size's forward, then every size's forward+backward, in the rounds of
-    :func:`interleaved_times` (all inputs held at once). The pair is what ``bench_core(...,
-    times=)`` takes."""
-    def call(n, backward):
-        q, k, v, dout = inputs[n]
-        out, cache = cores[n].forward(q, k, v)
-        if backward:
-            cores[n].backward(cache, dout)
-
-    fns = {(n, kind): (lambda n=n, b=kind == "fwd+bwd": call(n, b))
-           for kind in ("fwd", "fwd+bwd") for n in inputs}
-    t = interleaved_times(fns, repeat, warmup)
-    return {n: (t[n, "fwd"], t[n, "fwd+bwd"]) for n in inputs}
-
-
-#: the glibc allocator's state as set by this process (see :func:`retain_freed_memory`)
-_ALLOCATOR = "default"
-
-
-def _glibc():
-    """The C library through ctypes when it is glibc on Linux, else None."""
-    import ctypes
-    import ctypes.util
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def retain_freed_memory() -> bool:
-    """Ask glibc's ``malloc`` to keep freed memory in the process (``mallopt``: no ``mmap``
-    for large blocks, no trimming of the heap). Returns False (and changes nothing) where
-    the C library is not glibc.
-
-    Why the benchmarks do this: by default glibc gives every block above its mmap threshold
-    (which adapts, up to 32 MB) its own ``mmap`` and returns it to the kernel on ``free``; the
-    next array of that size is fresh pages, which the kernel zeroes on first touch. Smaller
-    blocks are reused from the heap.
-    A benchmark that steps N across that threshold (8 heads × 4096 × 64 float32 = 8 MB,
-    × 16384 = 32 MB) then charges the larger sizes for page zeroing that the smaller ones
-    never pay: measured on the benchmark machine, non-causal FAVOR+ forward 4096 → 16384
-    cost 4.5× by default and 3.95× with this call. jemalloc and tcmalloc (which PyTorch's
-    CPU tuning guide recommends) also keep freed memory for reuse; users can get this
-    from glibc without code by setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>``.
-    The cost: the process keeps its peak heap size until it exits. It is process-wide,
-    which is why the library itself never calls it. It covers the main arena (the main
-    thread's allocations, which is where NumPy arrays of a single-threaded script come from).
-    """
-    global _ALLOCATOR
-    libc = _glibc()
-    if libc is None:
-        return False
-    try:
-        m_trim_threshold, m_mmap_max = -1, -4
-        # -1: never trim (man mallopt). mallopt takes an int, so a finite threshold is under
-        # 2 GB, and the N = 262144 runs free more than that at once (the environment variable
-        # MALLOC_TRIM_THRESHOLD_ takes a size_t)
-        no_mmap = libc.mallopt(m_mmap_max, 0) == 1
-        no_trim = no_mmap and libc.mallopt(m_trim_threshold, -1) == 1
-    except (OSError, AttributeError):
-        return False
-    if no_trim:
-        _ALLOCATOR = "glibc keeps freed memory (bench.retain_freed_memory: mallopt M_MMAP_MAX=0, " \
-                     "M_TRIM_THRESHOLD=-1)"
-    elif no_mmap:                                  # half done: say so rather than "default"
-        _ALLOCATOR = "glibc with M_MMAP_MAX=0 only (mallopt M_TRIM_THRESHOLD=-1 was refused)"
-    return no_trim
-
-
-def release_freed_memory() -> bool:
-    """Give the freed memory that :func:`retain_freed_memory` kept back to the kernel
-    (glibc ``malloc_trim(0)``: the free top of the heap is cut off and free chunks inside it
-    are returned page by page). The setting itself stays. Returns False where the C library
-    is not glibc (nothing done).
-
-    Benchmarks call it between configurations: the heap otherwise keeps its largest size
-    until the process exits, and a run of several configurations (each with its own
-    allocation pattern) can hold far more than any one of them uses at once. A full
-    ``bench_linear.py`` run held 19 GB this way and was killed for memory on a 23 GB machine
-    when its fresh-interpreter memory check started.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    try:
-        libc.malloc_trim(0)
-    except AttributeError:
-        return False
-    return True
-
-
-def allocator_line() -> str:
-    """One Markdown line on the allocator's state (for benchmark headers)."""
-    if _ALLOCATOR == "default":
-        return ("- allocator: C library default (glibc: blocks above its mmap threshold, "
-                "at most 32 MB, are fresh zeroed pages on every allocation)")
-    return "- allocator: " + _ALLOCATOR
 
 
 def traced_peak(fn: Callable[[], object]) -> int:
@@ -245,28 +100,6 @@ def _clean_env() -> dict:
     return env
 
 
-def peak_rss(code: str, *, clean_blas_env: bool = False, timeout: float = 1800) -> dict:
-    """Run ``code`` in a fresh Python and return ``{'peak_rss_mb', 'stdout'}``.
-
-    The child's peak resident set size (``VmHWM`` of ``/proc/self/status``,
-    Linux) is read at the end of ``code``, so it includes the interpreter,
-    NumPy, numba and everything ``code`` allocated.
-    """
-    # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts from the peak of the
-    # parent it was forked from, VmHWM belongs to the new address space made by exec
-    wrapper = (code + "\nfor _line in open('/proc/self/status'):\n"
-               "    if _line.startswith('VmHWM:'):\n"
-               "        print('__PEAK_RSS_KB__', int(_line.split()[1]))\n")
-    env = _clean_env() if clean_blas_env else None
-    res = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
-                         env=env, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"subprocess failed ({res.returncode}):\n{res.stderr[-2000:]}")
-    lines = res.stdout.splitlines()
-    kb = int([ln for ln in lines if ln.startswith("__PEAK_RSS_KB__")][-1].split()[1])
-    return {"peak_rss_mb": kb / 1024, "stdout": "\n".join(ln for ln in lines if not ln.startswith("__PEAK"))}
-
-
 _GEMM_CODE = r"""
 import json, time, statistics, numpy as np
 from threadpoolctl import threadpool_info
@@ -289,10 +122,16 @@ print(json.dumps(out))
 _GEMM_CACHE: dict = {}
 
 
-def gemm_peak() -> dict:
+def gemm_peak(refresh: bool = False) -> dict:
     """``{'float32': GFLOP/s, 'float64': GFLOP/s, 'kernel': str, 'threads': int}``
-    of a 2048² matmul, measured once per process in a subprocess without the
-    OpenBLAS override variables."""
+    of a 2048² matmul, measured in a subprocess without the OpenBLAS override variables.
+
+    The first call measures (a few seconds) and later calls return that reading;
+    ``refresh=True`` measures again and keeps the new reading (e.g. after a long run on a
+    shared machine, whose speed drifts).
+    """
+    if refresh:
+        _GEMM_CACHE.clear()
     if not _GEMM_CACHE:
         res = subprocess.run([sys.executable, "-c", _GEMM_CODE], capture_output=True, text=True,
                              env=_clean_env(), timeout=600)
@@ -394,8 +233,8 @@ def bench_core(core, n: int, d: int = 64, dv: int | None = None, heads: int = 1,
     (or the core's own ``reference``); for an approximation (``exact=False``) it is
     the approximation gap, ``gap out`` / ``gap grad``, against the attention it
     approximates (``core.reference_mask``). ``oracle`` names the comparison.
-    ``times=(t_fwd, t_fwd_bwd)`` in seconds (e.g. from :func:`interleaved_times`) skips the
-    timing.
+    ``times=(t_fwd, t_fwd_bwd)`` in seconds (e.g. from the interleaved rounds of the
+    benchmark scripts' harness, ``benchmarks/harness.py``) skips the timing.
     """
     dv = d if dv is None else dv
     q, k, v, dout = random_qkv((heads,), n, d, dv, dtype, seed)

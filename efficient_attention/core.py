@@ -12,6 +12,8 @@ Dv    feature width of values (``dv``)
 K     projected length (Linformer), compressed positions
 R     hash rounds (LSH)
 C     buckets / clusters
+F     features of a feature map φ (linear attention: ``φ(q)`` is ``(..., N, F)``)
+BH    batch and heads flattened into one axis (the leading axis of the kernels' arrays)
 ====  ==========================================================
 
 An *attention core* maps ``(q, k, v)`` of shapes ``(..., N, D)``,

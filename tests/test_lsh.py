@@ -486,3 +486,24 @@ def test_n_not_multiple_of_chunk_pads_last_chunk():
                                                         core.pattern(q[0]).toarray()), np.float64)
 
 
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_public_buckets_and_sort_layout_give_forwards_layout(shared):
+    """benchmarks/bench_lsh.py times hashing + sorting on its own through public calls:
+    ``kernels.lsh.sort_layout(core.buckets(q), ...)`` must be the layout forward uses."""
+    q, k, _ = _data((2, 40, 6), seed=21)
+    core = LSHAttention(4, n_hashes=3, chunk_size=8, shared_qk=shared)
+    if shared:
+        public = K.sort_layout(core.buckets(q), None, core.n_buckets, core.chunk_size, True)
+    else:
+        qb, kb = core.buckets(q, k)
+        public = K.sort_layout(qb, kb, core.n_buckets, core.chunk_size, False)
+    inner = core._layout(q, None if shared else k)
+    assert public._fields == inner._fields
+    for name, a, b in zip(inner._fields, public, inner):
+        if isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype, name
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert a == b, name

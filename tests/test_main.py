@@ -1,9 +1,7 @@
-"""The main command and the benchmark harness."""
+"""The main command and its timing, ``efficient_attention.bench``."""
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -178,77 +176,27 @@ def test_harness_pieces():
     assert given["fwd ms"] == 500 and given["fwd+bwd ms"] == 2000 and given["err out"] < 1e-5
 
 
-def test_interleaved_times_visits_keys_in_rounds():
-    order = []
-    slow = {("a", 0): 0.05, ("a", 2): 0.1}            # the warm-up call, and one of 3 timed calls
-
-    def fn(key):
-        seconds = slow.get((key, order.count(key)), 0.001 if key == "a" else 0.004)
-        order.append(key)
-        time.sleep(seconds)
-    t = bench.interleaved_times({"a": lambda: fn("a"), "b": lambda: fn("b")}, repeat=3, warmup=1)
-    assert order == ["a", "b"] * 4                    # 1 warm-up round + 3 timed rounds, in turn
-    assert set(t) == {"a", "b"} and t["b"] >= 0.004
-    # the warm-up is not timed, and the slow timed call is outvoted: a median, not a mean
-    assert 0.001 <= t["a"] < 0.02
-
-
-def test_interleaved_rounds_and_median_ratio_pair_the_rounds(monkeypatch):
-    """interleaved_rounds keeps one time per timed round and key; median_ratio divides the
-    times of one round by each other, so drift between rounds cancels where a ratio of
-    medians would not. A scripted clock: each call advances it by its scripted duration."""
-    clock = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
-    slowness = iter([1, 1, 1, 1, 1, 4, 4, 4])   # the machine slows down, once between the two calls of a round
-    calls = []
-
-    def fn(key):
-        calls.append(key)
-        clock[0] += next(slowness) * (2 if key == "big" else 1)
-    t = bench.interleaved_rounds({"small": lambda: fn("small"), "big": lambda: fn("big")}, repeat=3, warmup=1)
-    assert calls == ["small", "big"] * 4
-    # timed rounds (small, big) at slowness (1, 1), (1, 4), (4, 4): the warm-up round is dropped
-    assert t == {"small": [1.0, 1.0, 4.0], "big": [2.0, 8.0, 8.0]}
-    # within-round ratios 2, 8, 2; the medians alone are 1 and 8
-    assert bench.median_ratio(t["big"], t["small"]) == 2.0
-    assert statistics.median(t["big"]) / statistics.median(t["small"]) == 8.0
-    assert bench.median_ratio([2.0, 4.0, 30.0, 9.0], [1.0, 2.0, 3.0, 3.0]) == 2.5   # even count: mean of the middle two
-    with pytest.raises(ValueError, match="equally long"):
-        bench.median_ratio([1.0], [1.0, 2.0])
-    with pytest.raises(ValueError, match="non-empty"):
-        bench.median_ratio([], [])
-    slowness = iter([3, 3])
-    assert bench.interleaved_times({"s": lambda: fn("small"), "b": lambda: fn("big")}, repeat=1, warmup=0) \
-        == {"s": 3.0, "b": 6.0}
-
-
-def test_interleaved_fwd_bwd_order_and_pairs():
-    """Every size's forward, then every size's forward+backward, each on its own core and
-    inputs; the result pairs (t_fwd, t_fwd_bwd) per size."""
-    calls = []
-
-    class Core:
-        def __init__(self, n):
-            self.n = n
-
-        def forward(self, q, k, v):
-            calls.append(("f", self.n, q))
-            time.sleep(0.001)
-            return None, self.n
-
-        def backward(self, cache, dout):
-            calls.append(("b", cache, dout))
-            time.sleep(0.01)
-
-    inputs = {n: (f"q{n}", None, None, f"d{n}") for n in (2, 8)}
-    t = bench.interleaved_fwd_bwd({n: Core(n) for n in inputs}, inputs, repeat=2, warmup=1)
-    one_round = [("f", 2, "q2"), ("f", 8, "q8"), ("f", 2, "q2"), ("b", 2, "d2"), ("f", 8, "q8"), ("b", 8, "d8")]
-    assert calls == one_round * 3
-    assert set(t) == {2, 8} and all(fb > f + 0.005 for f, fb in t.values())
-
-
-def test_gemm_peak_and_rss_subprocesses():
+def test_gemm_peak_subprocess():
     peak = bench.gemm_peak()
     assert peak["float32"] > 0 and peak["float64"] > 0 and isinstance(peak["kernel"], str)
-    res = bench.peak_rss("import numpy as np\nx = np.ones(64 * 2**20 // 8)\nprint('done', x.sum())")
-    assert res["peak_rss_mb"] > 64 and "done" in res["stdout"]
+    assert bench.gemm_peak() == peak                       # measured once per process
+
+
+def test_gemm_peak_refresh_measures_again(monkeypatch):
+    """gemm_peak() keeps its first reading; refresh=True measures again and keeps the new one.
+    The probe is a subprocess started without the OpenBLAS override variables."""
+    monkeypatch.setattr(bench, "_GEMM_CACHE", {})          # this test's readings stay in this test
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    readings, envs = iter([10.0, 20.0]), []
+
+    def probe(args, **kwargs):
+        envs.append(kwargs["env"])
+        value = next(readings)
+        out = json.dumps({"float32": value, "float64": value / 2, "kernel": "fake", "threads": 1})
+        return subprocess.CompletedProcess(args, 0, stdout=out + "\n", stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", probe)
+    assert bench.gemm_peak()["float32"] == 10.0
+    assert bench.gemm_peak()["float32"] == 10.0 and len(envs) == 1          # the kept reading
+    assert bench.gemm_peak(refresh=True)["float32"] == 20.0 and len(envs) == 2
+    assert bench.gemm_peak() == {"float32": 20.0, "float64": 10.0, "kernel": "fake", "threads": 1}
+    assert all("OPENBLAS_CORETYPE" not in env for env in envs)

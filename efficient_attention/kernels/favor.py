@@ -34,15 +34,15 @@ ROW_SHIFT, FIXED_SHIFT, EXPONENT_ONLY = 0, 1, 2
 
 @njit(**JIT)
 def favor_rows(h, x, half, norm, shift, mode, row_max):
-    """In place on ``h (R, F)`` float32 holding ``x ω′ᵀ``: ``h[r] -= half·‖x[r]‖²``,
+    """In place on ``h (rows, F)`` float32 holding ``x ω′ᵀ``: ``h[r] -= half·‖x[r]‖²``,
     ``row_max[r] = max_j h[r, j]``; then ``h[r] = norm·exp(h[r] − row_max[r])``
     (``mode = ROW_SHIFT``), ``norm·exp(h[r] − shift)`` (``FIXED_SHIFT``) or nothing more
     (``EXPONENT_ONLY``)."""
-    R, F = h.shape
+    rows, F = h.shape
     D = x.shape[1]
     half = np.float32(half)
     norm = np.float32(norm)
-    for r in range(R):
+    for r in range(rows):
         xr = x[r]
         hr = h[r]
         sq = np.float32(0.0)
@@ -64,7 +64,7 @@ def favor_rows(h, x, half, norm, shift, mode, row_max):
 
 @njit(**JIT)
 def favor_scale_rows(h, shift, norm):
-    """In place on ``h (R, F)`` float32: ``h[r] = norm·exp(h[r] − shift[r])``."""
+    """In place on ``h (rows, F)`` float32: ``h[r] = norm·exp(h[r] − shift[r])``."""
     norm = np.float32(norm)
     for r in range(h.shape[0]):
         hr = h[r]
@@ -75,9 +75,9 @@ def favor_scale_rows(h, shift, norm):
 
 @njit(**JIT)
 def favor_grad_rows(dphi, phi, dh, row_sum):
-    """``dh = dφ ⊙ φ`` (``∂φ/∂h = φ``) and ``row_sum[r] = Σ_j dh[r, j]``; float32 ``(R, F)``."""
-    R, F = phi.shape
-    for r in range(R):
+    """``dh = dφ ⊙ φ`` (``∂φ/∂h = φ``) and ``row_sum[r] = Σ_j dh[r, j]``; float32 ``(rows, F)``."""
+    rows, F = phi.shape
+    for r in range(rows):
         total = np.float32(0.0)
         for j in range(F):
             y = dphi[r, j] * phi[r, j]
@@ -88,7 +88,7 @@ def favor_grad_rows(dphi, phi, dh, row_sum):
 
 @njit(**JIT)
 def favor_dx_rows(dx, x, row_sum, c):
-    """In place on ``dx (R, D)`` float32 holding ``dh ω``: ``dx[r] = c·dx[r] − c²·row_sum[r]·x[r]``
+    """In place on ``dx (rows, D)`` float32 holding ``dh ω``: ``dx[r] = c·dx[r] − c²·row_sum[r]·x[r]``
     (``dx = D^(-1/4)·(dh ω − (Σ_r dh_r)·x′)`` with ``x′ = c·x``)."""
     c = np.float32(c)
     for r in range(dx.shape[0]):

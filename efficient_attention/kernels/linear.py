@@ -79,12 +79,13 @@ def _safe_inv(den):
 
 @njit(**JIT)
 def _rank1_pair_rows(m, p1, q1, w1, p2, q2, w2, acc1, acc2):
-    """Two tokens through a state ``m (R, C)``, row by row::
+    """Two tokens through a state ``m (rows, cols)``, row by row::
 
         m_1 = m + p1 q1ᵀ;  acc1 = m_1ᵀ w1;  m_2 = m_1 + p2 q2ᵀ;  acc2 = m_2ᵀ w2;  m = m_2
 
-    (``p, w`` of length R, ``q`` of length C, ``acc`` of length at least C: its first C
-    entries are overwritten), two rows of ``m`` per pass over the columns."""
+    (``p, w`` of length ``rows``, ``q`` of length ``cols``, ``acc`` of length at least
+    ``cols``: its first ``cols`` entries are overwritten), two rows of ``m`` per pass over
+    the columns."""
     rows, cols = m.shape
     for c in range(cols):
         acc1[c] = 0
@@ -148,13 +149,13 @@ def _causal_forward_kernel(a, b, v, eps, out, den, chunk, sck, zck):
     rows, the state before each chunk of ``chunk`` (even) tokens is saved in ``sck, zck``
     (``zck (BH, ⌈N/chunk⌉, F)``) for the backward; ``sck`` with 0 chunks saves nothing."""
     nh, n, f = a.shape
-    dv = v.shape[2]
+    Dv = v.shape[2]
     save = sck.shape[1] > 0
     for h in prange(nh):
-        s = np.zeros((f, dv), a.dtype)
+        s = np.zeros((f, Dv), a.dtype)
         z = np.zeros(f, a.dtype)
-        num1 = np.empty(dv, a.dtype)
-        num2 = np.empty(dv, a.dtype)
+        num1 = np.empty(Dv, a.dtype)
+        num2 = np.empty(Dv, a.dtype)
         one = np.empty(1, a.dtype)
         for t in range(0, n - 1, 2):
             if save and t % chunk == 0:
@@ -172,7 +173,7 @@ def _causal_forward_kernel(a, b, v, eps, out, den, chunk, sck, zck):
                 sck[h, t // chunk] = s
                 zck[h, t // chunk] = z
             zf = np.zeros(f, a.dtype)
-            d1, _ = _forward_pair(s, z, a[h, t], b[h, t], v[h, t], zf, zf, np.zeros(dv, a.dtype),
+            d1, _ = _forward_pair(s, z, a[h, t], b[h, t], v[h, t], zf, zf, np.zeros(Dv, a.dtype),
                                   eps[h, t], eps[h, t], num1, num2)
             den[h, t] = d1
             _scale_row(out[h, t], num1, d1, one)
@@ -200,9 +201,9 @@ def _dbdv_pair(rr, rt, r, a1, b1, v1, g1, c1, a2, b2, v2, g2, c2, acc1, acc2, db
     then ``dv`` and ``db`` are both axpys (over Dv and over F), and no dot product (a
     horizontal sum per feature) is left. Dot products for ``db`` took 860 ms of a
     single-threaded reverse scan at N = 65536, 8 heads, float32; the second copy about 300."""
-    f, dv = rr.shape
+    f, Dv = rr.shape
     _rank1_pair_rows(rr, a1, g1, b1, a2, g2, b2, acc1, acc2)   # R_k = R + a gᵀ, dv_k = R_kᵀ b_k
-    for c in range(dv):
+    for c in range(Dv):
         dv1[c] = acc1[c]
         dv2[c] = acc2[c]
     _rank1_pair_rows(rt, g1, a1, v1, g2, a2, v2, acc1, acc2)   # R_kᵀ = Rᵀ + g aᵀ, acc_k = R_k v_k
@@ -234,7 +235,7 @@ def _gradient_rows(den, dout, out, t, g, one):
 
 
 @njit(**JIT_PARALLEL)
-def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dvv):
+def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv):
     """One reverse sweep over chunks of ``chunk`` (even) tokens, from the last chunk to the
     first; in each, a forward scan for ``da`` from the saved state before the chunk
     (``sck, zck`` of :func:`_causal_forward_kernel`), then the reverse-time scan for ``db,
@@ -253,21 +254,21 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
     (:mod:`~efficient_attention.kernels.prefetch`), within the chunk: ``a`` must be
     C-contiguous (:func:`causal_backward` makes it so)."""
     nh, n, f = a.shape
-    dv = v.shape[2]
+    Dv = v.shape[2]
     for h in prange(nh):
         one = np.empty(1, a.dtype)
-        g1 = np.empty(dv, a.dtype)
-        g2 = np.empty(dv, a.dtype)
-        acc1 = np.empty(max(f, dv), a.dtype)
-        acc2 = np.empty(max(f, dv), a.dtype)
+        g1 = np.empty(Dv, a.dtype)
+        g2 = np.empty(Dv, a.dtype)
+        acc1 = np.empty(max(f, Dv), a.dtype)
+        acc2 = np.empty(max(f, Dv), a.dtype)
         zf = np.zeros(f, a.dtype)
-        zv = np.zeros(dv, a.dtype)
+        zv = np.zeros(Dv, a.dtype)
         sf = np.empty(f, a.dtype)                            # scratch rows of the zero token
-        sv = np.empty(dv, a.dtype)
-        st = np.empty((dv, f), a.dtype)
+        sv = np.empty(Dv, a.dtype)
+        st = np.empty((Dv, f), a.dtype)
         z = np.empty(f, a.dtype)
-        rr = np.zeros((f, dv), a.dtype)                      # R_t = Σ_{l≥t} a_l g_lᵀ
-        rt = np.zeros((dv, f), a.dtype)
+        rr = np.zeros((f, Dv), a.dtype)                      # R_t = Σ_{l≥t} a_l g_lᵀ
+        rt = np.zeros((Dv, f), a.dtype)
         r = np.zeros(f, a.dtype)                             # r_t = Σ_{l≥t} c_l a_l
         ah, bh, vh, oh, dh, eh = a[h], b[h], v[h], out[h], dout[h], den[h]
         af = ah.reshape(-1)
@@ -275,7 +276,7 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
             lo = ck * chunk
             hi = min(n, lo + chunk)
             for i in range(f):                               # S before the chunk, transposed
-                for c in range(dv):
+                for c in range(Dv):
                     st[c, i] = sck[h, ck, i, c]
                 z[i] = zck[h, ck, i]
             # forward scan: da_t = S_t g_t + c_t z_t
@@ -293,7 +294,7 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
                 t = hi - 1
                 c1 = _gradient_rows(eh, dh, oh, t, g1, one)
                 _dbdv_pair(rr, rt, r, ah[t], bh[t], vh[t], g1, c1, zf, zf, zv, zv, 0 * c1,
-                           acc1, acc2, db[h, t], sf, dvv[h, t], sv)
+                           acc1, acc2, db[h, t], sf, dv[h, t], sv)
             for t in range(hi - 1 - odd, lo, -2):            # pairs (t, t - 1), t the later
                 tp = t - 1 - REVERSE_PREFETCH                # the pair this many tokens ahead
                 if tp >= lo:
@@ -301,7 +302,7 @@ def _causal_backward_kernel(a, b, v, out, den, dout, chunk, sck, zck, da, db, dv
                 c1 = _gradient_rows(eh, dh, oh, t, g1, one)
                 c2 = _gradient_rows(eh, dh, oh, t - 1, g2, one)
                 _dbdv_pair(rr, rt, r, ah[t], bh[t], vh[t], g1, c1, ah[t - 1], bh[t - 1], vh[t - 1], g2, c2,
-                           acc1, acc2, db[h, t], db[h, t - 1], dvv[h, t], dvv[h, t - 1])
+                           acc1, acc2, db[h, t], db[h, t - 1], dv[h, t], dv[h, t - 1])
 
 
 def _contig(*arrays):
@@ -380,10 +381,10 @@ def causal_backward(a, b, v, out, den, dout, states=None):
     sck, zck = (np.ascontiguousarray(x, a.dtype) for x in (states.s, states.z))
     da = np.empty(a.shape, a.dtype)
     db = np.empty(b.shape, a.dtype)
-    dvv = np.empty(v.shape, a.dtype)
+    dv = np.empty(v.shape, a.dtype)
     _launch(_causal_backward_kernel, nh, a.size * v.shape[2], a, b, v, out, den, dout, chunk, sck, zck,
-            da, db, dvv)
-    return da, db, dvv
+            da, db, dv)
+    return da, db, dv
 
 
 # --------------------------------------------------------------------------- NumPy references
@@ -401,8 +402,8 @@ def causal_forward_reference(a, b, v, eps, block=None):
     out = np.empty(v.shape, a.dtype)
     den = np.empty((nh, n), a.dtype)
     for lo, hi in _blocks(n, block):
-        s = s0[:, None] + np.cumsum(b[:, lo:hi, :, None] * v[:, lo:hi, None, :], axis=1)  # (BH, T, F, Dv)
-        z = z0[:, None] + np.cumsum(b[:, lo:hi], axis=1)                                   # (BH, T, F)
+        s = s0[:, None] + np.cumsum(b[:, lo:hi, :, None] * v[:, lo:hi, None, :], axis=1)  # (BH, block, F, Dv)
+        z = z0[:, None] + np.cumsum(b[:, lo:hi], axis=1)                                   # (BH, block, F)
         d = np.einsum("htf,htf->ht", a[:, lo:hi], z) + eps[:, lo:hi]
         num = np.einsum("htf,htfc->htc", a[:, lo:hi], s)
         out[:, lo:hi] = num * _safe_inv(d)[..., None]
@@ -419,7 +420,7 @@ def causal_backward_reference(a, b, v, out, den, dout, block=None):
     ct = -np.einsum("htc,htc->ht", dout, out) * inv              # (BH, N)
     da = np.empty(a.shape, a.dtype)
     db = np.empty(b.shape, a.dtype)
-    dvv = np.empty(v.shape, a.dtype)
+    dv = np.empty(v.shape, a.dtype)
     s0 = np.zeros((nh, f, v.shape[-1]), a.dtype)
     z0 = np.zeros((nh, f), a.dtype)
     for lo, hi in _blocks(n, block):
@@ -433,37 +434,37 @@ def causal_backward_reference(a, b, v, out, den, dout, block=None):
         rr = r0[:, None] + np.cumsum((a[:, lo:hi, :, None] * g[:, lo:hi, None, :])[:, ::-1], axis=1)[:, ::-1]
         r = q0[:, None] + np.cumsum((ct[:, lo:hi, None] * a[:, lo:hi])[:, ::-1], axis=1)[:, ::-1]
         db[:, lo:hi] = np.einsum("htfc,htc->htf", rr, v[:, lo:hi]) + r
-        dvv[:, lo:hi] = np.einsum("htfc,htf->htc", rr, b[:, lo:hi])
+        dv[:, lo:hi] = np.einsum("htfc,htf->htc", rr, b[:, lo:hi])
         r0, q0 = rr[:, 0], r[:, 0]
-    return da, db, dvv
+    return da, db, dv
 
 
 # --------------------------------------------------------------------------- chunked (BLAS) form
 def chunked_forward(a, b, v, eps, chunk=64):
-    """Causal forward by chunks of C tokens: inside a chunk the masked product
+    """Causal forward by chunks of ``chunk`` tokens: inside a chunk the masked product
     ``tril(A Bᵀ) V`` (dense, BLAS), between chunks a carried state
-    ``S = Σ Bᵀ V``: ``O_c = (tril(A_c B_cᵀ) V_c + A_c S_{c-1}) / den``.
-    Memory ``O(N·C + (N/C)·F·Dv)``."""
+    ``S = Σ Bᵀ V``: ``O_c = (tril(A_c B_cᵀ) V_c + A_c S_{c-1}) / den`` (``c`` the chunk's
+    index). Memory ``O(N·chunk + (N/chunk)·F·Dv)``."""
     nh, n, f = a.shape
-    dv = v.shape[-1]
+    Dv = v.shape[-1]
     nc = -(-n // chunk)
     pad = nc * chunk - n
     if pad:
         a, b, v = (np.concatenate([x, np.zeros((nh, pad, x.shape[-1]), x.dtype)], axis=1) for x in (a, b, v))
     ac = a.reshape(nh, nc, chunk, f)
     bc = b.reshape(nh, nc, chunk, f)
-    vc = v.reshape(nh, nc, chunk, dv)
+    vc = v.reshape(nh, nc, chunk, Dv)
     tril = np.tril(np.ones((chunk, chunk), a.dtype))
     kv = np.swapaxes(bc, -1, -2) @ vc                                  # B_cᵀ V_c        (BH, nc, F, Dv)
     s_prev = np.cumsum(kv, axis=1) - kv                                # exclusive prefix (BH, nc, F, Dv)
     del kv
     zc = bc.sum(axis=2)                                                # (BH, nc, F)
     z_prev = np.cumsum(zc, axis=1) - zc
-    scores = (ac @ np.swapaxes(bc, -1, -2)) * tril                     # tril(A_c B_cᵀ)  (BH, nc, C, C)
-    num = scores @ vc + ac @ s_prev                                    # (BH, nc, C, Dv)
+    scores = (ac @ np.swapaxes(bc, -1, -2)) * tril          # tril(A_c B_cᵀ)  (BH, nc, chunk, chunk)
+    num = scores @ vc + ac @ s_prev                                    # (BH, nc, chunk, Dv)
     den = scores.sum(axis=-1) + np.einsum("hkcf,hkf->hkc", ac, z_prev)
     den = den.reshape(nh, nc * chunk)[:, :n] + eps
-    out = num.reshape(nh, nc * chunk, dv)[:, :n] * _safe_inv(den)[..., None]
+    out = num.reshape(nh, nc * chunk, Dv)[:, :n] * _safe_inv(den)[..., None]
     return out, den
 
 
@@ -471,7 +472,7 @@ def chunked_backward(a, b, v, out, den, dout, chunk=64):
     """Backward of :func:`chunked_forward` (same chunks, a reverse exclusive
     prefix for ``R``)."""
     nh, n, f = a.shape
-    dv = v.shape[-1]
+    Dv = v.shape[-1]
     inv = _safe_inv(den)
     g = dout * inv[..., None]
     ct = -np.einsum("htc,htc->ht", dout, out) * inv
@@ -483,12 +484,12 @@ def chunked_backward(a, b, v, out, den, dout, chunk=64):
         ct = np.concatenate([ct, np.zeros((nh, pad), ct.dtype)], axis=1)
     ac = a.reshape(nh, nc, chunk, f)
     bc = b.reshape(nh, nc, chunk, f)
-    vc = v.reshape(nh, nc, chunk, dv)
-    gc = g.reshape(nh, nc, chunk, dv)
+    vc = v.reshape(nh, nc, chunk, Dv)
+    gc = g.reshape(nh, nc, chunk, Dv)
     cc = ct.reshape(nh, nc, chunk)
     tril = np.tril(np.ones((chunk, chunk), a.dtype))
     # d scores (within chunk): dP_ij = g_i·v_j + c_i, masked
-    dscores = (gc @ np.swapaxes(vc, -1, -2) + cc[..., None]) * tril    # (BH, nc, C, C)
+    dscores = (gc @ np.swapaxes(vc, -1, -2) + cc[..., None]) * tril    # (BH, nc, chunk, chunk)
     kv = np.swapaxes(bc, -1, -2) @ vc
     s_prev = np.cumsum(kv, axis=1) - kv
     del kv
@@ -503,8 +504,8 @@ def chunked_backward(a, b, v, out, den, dout, chunk=64):
     rz_next = np.cumsum(ra[:, ::-1], axis=1)[:, ::-1] - ra
     scores = (ac @ np.swapaxes(bc, -1, -2)) * tril
     db = np.swapaxes(dscores, -1, -2) @ ac + vc @ np.swapaxes(r_next, -1, -2) + rz_next[:, :, None, :]
-    dvv = np.swapaxes(scores, -1, -2) @ gc + bc @ r_next
+    dv = np.swapaxes(scores, -1, -2) @ gc + bc @ r_next
     da = da.reshape(nh, nc * chunk, f)[:, :n]
     db = db.reshape(nh, nc * chunk, f)[:, :n]
-    dvv = dvv.reshape(nh, nc * chunk, dv)[:, :n]
-    return np.ascontiguousarray(da), np.ascontiguousarray(db), np.ascontiguousarray(dvv)
+    dv = dv.reshape(nh, nc * chunk, Dv)[:, :n]
+    return np.ascontiguousarray(da), np.ascontiguousarray(db), np.ascontiguousarray(dv)

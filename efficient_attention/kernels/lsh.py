@@ -1,8 +1,8 @@
 r"""Numba kernels for bucketed chunk attention (Reformer LSH, Routing), beside NumPy references.
 
-The computation (shape letters: B flattened batch x heads, R rounds, N queries,
-M keys, D, Dv, C buckets) is described by a :class:`Layout`: for every
-sequence ``b`` and round ``r`` the queries and the keys are sorted by
+The computation (shape letters: BH batch and heads flattened into one axis, R rounds,
+N queries, M keys, D, Dv, C buckets) is described by a :class:`Layout`: for every
+sequence ``b`` (an index along BH) and round ``r`` the queries and the keys are sorted by
 (bucket, position) and cut into chunks; query chunk ``c`` attends to key
 chunks ``c`` and, with ``lookback``, ``c - 1``. A pair ``(i, j)`` found there
 is *allowed in round r* when
@@ -70,14 +70,14 @@ class Layout(NamedTuple):
     For shared QK the key arrays are the query arrays.
     """
 
-    qperm: np.ndarray   # (B, R, N)
-    qptr: np.ndarray    # (B, R, n_chunks + 1)
-    qchunk: np.ndarray  # (B, R, N)
-    qbuck: np.ndarray   # (B, R, N)
-    kperm: np.ndarray   # (B, R, M)
-    kptr: np.ndarray    # (B, R, n_chunks + 1)
-    kchunk: np.ndarray  # (B, R, M)
-    kbuck: np.ndarray   # (B, R, M)
+    qperm: np.ndarray   # (BH, R, N)
+    qptr: np.ndarray    # (BH, R, n_chunks + 1)
+    qchunk: np.ndarray  # (BH, R, N)
+    qbuck: np.ndarray   # (BH, R, N)
+    kperm: np.ndarray   # (BH, R, M)
+    kptr: np.ndarray    # (BH, R, n_chunks + 1)
+    kchunk: np.ndarray  # (BH, R, M)
+    kbuck: np.ndarray   # (BH, R, M)
     lookback: bool      # chunk c also sees chunk c - 1
 
 
@@ -108,9 +108,9 @@ def sort_layout(qbuck: np.ndarray, kbuck: np.ndarray | None, n_buckets: int,
 
     Parameters
     ----------
-    qbuck : (B, R, N) int
+    qbuck : (BH, R, N) int
         Query buckets.
-    kbuck : (B, R, M) int or None
+    kbuck : (BH, R, M) int or None
         Key buckets (None when ``shared``: keys are the queries).
     n_buckets : int
     chunk_size : int or None
@@ -121,7 +121,7 @@ def sort_layout(qbuck: np.ndarray, kbuck: np.ndarray | None, n_buckets: int,
         stably by bucket and cut into chunks of ``2 * chunk_size`` items.
     """
     qbuck = np.ascontiguousarray(qbuck, dtype=np.int64)
-    B, R, N = qbuck.shape
+    BH, R, N = qbuck.shape
     if shared:
         perm = _stable_argsort(qbuck)
         if chunk_size is None:
@@ -131,7 +131,7 @@ def sort_layout(qbuck: np.ndarray, kbuck: np.ndarray | None, n_buckets: int,
         else:
             n_chunks = -(-N // chunk_size)
             ptr = np.broadcast_to(np.minimum(np.arange(n_chunks + 1) * chunk_size, N),
-                                  (B, R, n_chunks + 1)).astype(np.int64)
+                                  (BH, R, n_chunks + 1)).astype(np.int64)
             chunk = _inverse_chunk(perm, np.broadcast_to(np.arange(N) // chunk_size, perm.shape))
             lookback = True
         perm = np.ascontiguousarray(perm, dtype=np.int64)
@@ -153,21 +153,21 @@ def sort_layout(qbuck: np.ndarray, kbuck: np.ndarray | None, n_buckets: int,
     is_q = np.tile(np.array([False, True]), L)
     keep = np.where(is_q, pos < N, pos < M)
     pos, is_q = pos[keep], is_q[keep]                          # (N + M,)
-    merged = np.empty((B, R, N + M), np.int64)
+    merged = np.empty((BH, R, N + M), np.int64)
     merged[..., is_q] = qbuck
     merged[..., ~is_q] = kbuck
-    order = _stable_argsort(merged)                            # (B, R, N + M)
+    order = _stable_argsort(merged)                            # (BH, R, N + M)
     items = 2 * chunk_size
     n_chunks = -(-(N + M) // items)
     sorted_is_q = is_q[order]
     sorted_pos = pos[order]
     slot_chunk = np.arange(N + M) // items
-    qperm = sorted_pos[sorted_is_q].reshape(B, R, N)
-    kperm = sorted_pos[~sorted_is_q].reshape(B, R, M)
-    qchunk_sorted = np.broadcast_to(slot_chunk, order.shape)[sorted_is_q].reshape(B, R, N)
-    kchunk_sorted = np.broadcast_to(slot_chunk, order.shape)[~sorted_is_q].reshape(B, R, M)
+    qperm = sorted_pos[sorted_is_q].reshape(BH, R, N)
+    kperm = sorted_pos[~sorted_is_q].reshape(BH, R, M)
+    qchunk_sorted = np.broadcast_to(slot_chunk, order.shape)[sorted_is_q].reshape(BH, R, N)
+    kchunk_sorted = np.broadcast_to(slot_chunk, order.shape)[~sorted_is_q].reshape(BH, R, M)
     bounds = np.minimum(np.arange(n_chunks + 1) * items, N + M)
-    q_before = np.concatenate([np.zeros((B, R, 1), np.int64), np.cumsum(sorted_is_q, -1)], -1)
+    q_before = np.concatenate([np.zeros((BH, R, 1), np.int64), np.cumsum(sorted_is_q, -1)], -1)
     qptr = q_before[..., bounds]                               # queries among slots < c * items
     kptr = bounds[None, None, :] - qptr
     as64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
@@ -285,10 +285,10 @@ def _mask_scores(S, qi, kj, qb, kb, qcode, kcode, lookback, across, causal, shar
 def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbuck, r,
                    lookback, across, causal, shared, scale, f32, out, lse):
     """Round r of the forward pass, merged into the running (out, lse) of every query."""
-    B, N, D = q.shape
+    BH, N, D = q.shape
     Dv = v.shape[2]
     n_chunks = qptr.shape[2] - 1
-    for item in prange(B * n_chunks):
+    for item in prange(BH * n_chunks):
         b = item // n_chunks
         c = item % n_chunks
         qs, nq, ks, nk = _chunk_span(qptr, kptr, b, r, c, lookback)
@@ -346,11 +346,11 @@ def _forward_round(q, k, v, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk, kbu
 def _backward_round(q, k, v, dout, lse, delta, qperm, qptr, qchunk, qbuck, kperm, kptr, kchunk,
                     kbuck, r, first, step, lookback, across, causal, shared, scale, f32, dq, dk, dv):
     """Round r of the backward pass for chunks first, first + step, ... (race-free with step 2)."""
-    B, N, D = q.shape
+    BH, N, D = q.shape
     Dv = v.shape[2]
     n_chunks = qptr.shape[2] - 1
     per_b = (n_chunks - first + step - 1) // step
-    for item in prange(B * per_b):
+    for item in prange(BH * per_b):
         b = item // per_b
         c = first + step * (item % per_b)
         qs, nq, ks, nk = _chunk_span(qptr, kptr, b, r, c, lookback)
@@ -401,16 +401,16 @@ def _flags(lay: Layout, across, causal, shared):
 
 
 def bucket_forward(q, k, v, lay: Layout, *, causal, shared, across, scale, kernel=None):
-    """Union-of-rounds bucket attention: ``out (B, N, Dv)`` and its log-sum-exp ``(B, N)``.
+    """Union-of-rounds bucket attention: ``out (BH, N, Dv)`` and its log-sum-exp ``(BH, N)``.
 
-    ``q (B, N, D)``, ``k (B, M, D)``, ``v (B, M, Dv)`` contiguous, one dtype.
+    ``q (BH, N, D)``, ``k (BH, M, D)``, ``v (BH, M, Dv)`` contiguous, one dtype.
     Rows with no allowed key output 0 and ``lse = -inf``. ``kernel`` replaces
     the round kernel (tests pass its ``py_func``).
     """
     kernel = _forward_round if kernel is None else kernel
-    B, N = q.shape[:2]
-    out = np.zeros((B, N, v.shape[-1]), q.dtype)
-    lse = np.full((B, N), -np.inf, np.float64)
+    BH, N = q.shape[:2]
+    out = np.zeros((BH, N, v.shape[-1]), q.dtype)
+    lse = np.full((BH, N), -np.inf, np.float64)
     lookback, across, causal, shared = _flags(lay, across, causal, shared)
     with config.blas_threads_limited():   # nested BLAS threads in a prange: 20-60x slower
         for r in range(lay.qperm.shape[1]):
@@ -472,11 +472,11 @@ def _allowed_counts(lay: Layout, b, r, qi, kj, causal, shared, across):
 def bucket_forward_reference(q, k, v, lay: Layout, *, causal, shared, across, scale):
     """Plain NumPy twin of :func:`bucket_forward`: every round's ``(o_r, lse_r)`` kept,
     then combined by ``L = logsumexp_r lse_r``, ``out = sum_r exp(lse_r - L) o_r``."""
-    B, N = q.shape[:2]
+    BH, N = q.shape[:2]
     R = lay.qperm.shape[1]
-    o = np.zeros((B, R, N, v.shape[-1]))
-    lr = np.full((B, R, N), -np.inf)
-    for b in range(B):
+    o = np.zeros((BH, R, N, v.shape[-1]))
+    lr = np.full((BH, R, N), -np.inf)
+    for b in range(BH):
         for r in range(R):
             for c in range(lay.qptr.shape[2] - 1):
                 qi, kj = _chunk_blocks(lay, b, r, c)
@@ -495,7 +495,7 @@ def bucket_forward_reference(q, k, v, lay: Layout, *, causal, shared, across, sc
                     l = np.where(total[:, 0] > 0, top[:, 0] + np.log(total[:, 0]), -np.inf)
                 o[b, r, qi] = p @ v[b, kj]
                 lr[b, r, qi] = l
-    L = np.full((B, N), -np.inf)
+    L = np.full((BH, N), -np.inf)
     finite = np.isfinite(lr).any(axis=1)
     mx = np.where(finite, np.max(np.where(np.isfinite(lr), lr, -1e300), axis=1), 0.0)
     w = np.where(np.isfinite(lr), np.exp(lr - mx[:, None]), 0.0)
@@ -508,13 +508,13 @@ def bucket_forward_reference(q, k, v, lay: Layout, *, causal, shared, across, sc
 def bucket_backward_reference(q, k, v, dout, out, lse, lay: Layout, *, causal, shared, across,
                               scale):
     """Plain NumPy twin of :func:`bucket_backward` (loops over sequences, rounds, chunks)."""
-    B, N = q.shape[:2]
+    BH, N = q.shape[:2]
     R = lay.qperm.shape[1]
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     q, k, v, dout, out = map(f64, (q, k, v, dout, out))
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     delta = np.sum(dout * out, axis=-1)
-    for b in range(B):
+    for b in range(BH):
         for r in range(R):
             for c in range(lay.qptr.shape[2] - 1):
                 qi, kj = _chunk_blocks(lay, b, r, c)

@@ -14,8 +14,8 @@ that stays in cache row by row, with one ``exp`` per entry and per step.
 ``prange`` runs over the independent ``(batch × heads)`` matrices; each
 thread owns its matrix, its normalisers and its scratch vectors.
 
-Layout: ``log_p`` ``(B, n, n)`` (overwritten by the final ``log P``),
-``norms`` ``(B, 2·n_iters, n)`` (step ``2t`` the row log-sum-exps of round
+Layout: ``log_p`` ``(BH, n, n)`` (overwritten by the final ``log P``),
+``norms`` ``(BH, 2·n_iters, n)`` (step ``2t`` the row log-sum-exps of round
 ``t``, step ``2t+1`` the column ones; an all ``-inf`` row or column is left
 alone and its normaliser stored as 0). Sums accumulate in float64.
 """

@@ -12,7 +12,7 @@ pattern for all, or one per head, heads being the last leading axis).
 Building blocks, one pattern (``indptr (N+1,)``), rows in parallel:
 
 * :func:`sddmm` — sampled dense-dense product, ``s_e = scale · q_i · k_j`` for
-  every stored entry ``e = (i, j)``: ``(B, nnz)``;
+  every stored entry ``e = (i, j)``: ``(BH, nnz)``;
 * :func:`csr_softmax` — row softmax of those values and the per-row
   log-sum-exp (``-inf`` for an empty row);
 * :func:`spmm` — the sparse product ``out_i = Σ_e p_e v_j``.
@@ -66,10 +66,10 @@ ROWS = 32
 def sddmm(q, k, indptr, indices, scale, out):
     """``out[b, e] = scale · q[b, i] · k[b, indices[e]]`` for entry ``e`` of row ``i``.
 
-    q (B, N, D), k (B, M, D), indptr (N+1,), indices (nnz,), out (B, nnz).
+    q (BH, N, D), k (BH, M, D), indptr (N+1,), indices (nnz,), out (BH, nnz).
     """
-    B, N, D = q.shape
-    for t in prange(B * N):
+    BH, N, D = q.shape
+    for t in prange(BH * N):
         b = t // N
         i = t % N
         for e in range(indptr[i], indptr[i + 1]):
@@ -83,7 +83,7 @@ def sddmm(q, k, indptr, indices, scale, out):
 def sddmm_reference(q, k, indptr, indices, scale):
     """NumPy: gather the rows and columns of every stored entry, one einsum."""
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    return scale * np.einsum("bed,bed->be", q[:, rows], k[:, indices])          # (B, nnz)
+    return scale * np.einsum("bed,bed->be", q[:, rows], k[:, indices])          # (BH, nnz)
 
 
 @njit(**JIT_PARALLEL)
@@ -91,11 +91,11 @@ def csr_softmax(scores, indptr, probs, lse):
     """Row softmax of CSR values: ``probs[b, e] = exp(s_e - lse_i)``, ``lse[b, i]``
     the log-sum-exp of row ``i`` (``-inf`` when the row is empty).
 
-    scores, probs (B, nnz); indptr (N+1,); lse (B, N).
+    scores, probs (BH, nnz); indptr (N+1,); lse (BH, N).
     """
-    B = scores.shape[0]
+    BH = scores.shape[0]
     N = indptr.shape[0] - 1
-    for t in prange(B * N):
+    for t in prange(BH * N):
         b = t // N
         i = t % N
         a = indptr[i]
@@ -120,10 +120,10 @@ def csr_softmax_reference(scores, indptr):
     n = len(indptr) - 1
     rows = np.repeat(np.arange(n), np.diff(indptr))
     mx = np.full(scores.shape[:-1] + (n,), -np.inf)
-    np.maximum.at(mx.T, rows, scores.T)                                           # row max  (B, N)
+    np.maximum.at(mx.T, rows, scores.T)                                           # row max  (BH, N)
     e = np.exp(scores - mx[:, rows])
     total = np.zeros_like(mx)
-    np.add.at(total.T, rows, e.T)                                                 # row sum  (B, N)
+    np.add.at(total.T, rows, e.T)                                                 # row sum  (BH, N)
     nonempty = np.diff(indptr) > 0
     lse = np.full_like(mx, -np.inf)
     lse[:, nonempty] = mx[:, nonempty] + np.log(total[:, nonempty])
@@ -134,10 +134,10 @@ def csr_softmax_reference(scores, indptr):
 def spmm(probs, indptr, indices, v, out):
     """``out[b, i] = Σ_e probs[b, e] · v[b, indices[e]]`` over the entries of row ``i``.
 
-    probs (B, nnz), v (B, M, Dv), out (B, N, Dv).
+    probs (BH, nnz), v (BH, M, Dv), out (BH, N, Dv).
     """
-    B, N, Dv = out.shape
-    for t in prange(B * N):
+    BH, N, Dv = out.shape
+    for t in prange(BH * N):
         b = t // N
         i = t % N
         for c in range(Dv):
