@@ -112,7 +112,9 @@ class FeatureMap:
     ``backward_consuming(cache, dphi) -> dx``
         ``backward`` for a ``dphi`` the caller gives up (the result may be written over it);
         no input checks;
-    ``n_features(d)``, ``check_width(d)``, ``flops(n, d)``, ``params``.
+    ``n_features(d)``, ``check_width(d)``, ``flops(n, d)``, ``params``
+        the width ``F`` of ``φ``, the check of an input width, the FLOPs of its products and
+        its learnable parameters.
     """
 
     #: whether ``_stable`` uses its ``shift`` (False: the log-scale is always 0)
