@@ -1,7 +1,8 @@
 """Benchmark: Reformer LSH attention (chapter 2), forward and forward+backward against N.
 
-Configuration (issue 6): float32, D = 64, 8 heads, 4 hash rounds, chunks of
-64, n_buckets = N/64, shared QK (Reformer), N = 4096 ... 262144 (x4 steps).
+Configuration (the one the project's LSH targets are set for): float32, D = 64,
+8 heads, 4 hash rounds, chunks of 64, n_buckets = N/64, shared QK (Reformer),
+N = 4096 ... 262144 (x4 steps).
 
 Columns: hashing + sorting alone ("hash+sort"), the numba attention kernels
 alone on that layout ("attn"), the whole forward and forward+backward

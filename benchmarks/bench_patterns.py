@@ -1,4 +1,4 @@
-"""Chapter 1 benchmark: banded local / strided attention (issue 3, "Speed and memory").
+"""Chapter 1 benchmark: banded local / strided attention, speed and memory.
 
 fp32, d = 64, 8 heads, window 256 (513 keys per query), N = 4096 … 65536, forward and
 forward+backward; beside it, in the same run, dense masked NumPy attention (one head at a time,
@@ -12,9 +12,10 @@ in a subprocess to measure the whole-process peak RSS.
     python benchmarks/bench_patterns.py            # full sizes (minutes)
     python benchmarks/bench_patterns.py --quick    # tiny sizes (seconds)
 
-Targets (issue 3): fwd+bwd at N = 16384 >= 25% of the fp32 GEMM peak; N -> 4N costs <= 4.4x;
-peak RSS < 2 GB for one head at N = 2^20 (fwd+bwd); >= 2x faster than a PyTorch peer (when one
-is installed).
+Targets (the project's goals for the banded local core: a good share of the machine's compute,
+time linear in N, a million tokens in bounded memory, and faster than a PyTorch peer):
+fwd+bwd at N = 16384 >= 25% of the fp32 GEMM peak; N -> 4N costs <= 4.4x; peak RSS < 2 GB for
+one head at N = 2^20 (fwd+bwd); >= 2x faster than a PyTorch peer (when one is installed).
 """
 from __future__ import annotations
 
@@ -221,9 +222,9 @@ def main(argv=None) -> int:
               f"{rss['arrays MiB']:.0f} MiB; peak RSS = the child's VmHWM):\n")
         print(bench.markdown_table([rss]))
 
-    # the issue's targets, judged on this run
-    print("\nTargets" + (" (--quick: tiny sizes, NOT the issue's; shown only to exercise the script):"
-                          if args.quick else ":"))
+    # the project's targets (module docstring), judged on this run
+    print("\nTargets" + (" (--quick: tiny sizes, NOT the sizes the targets are set for; shown only to exercise "
+                          "the script):" if args.quick else ":"))
     at = [r for r in rows if r["variant"] == "local" and r["N"] == 16384]
     if at:
         print(f"- fwd+bwd at N = 16384 >= 25% of fp32 GEMM peak: {at[0]['% peak']:.1f}% "

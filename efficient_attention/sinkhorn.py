@@ -56,10 +56,10 @@ Semantics (``b`` = ``block_size``, ``n_b = N / b`` blocks)
     whole previous block, and the sort net decides how much of the *older*
     blocks ``c' < c − 1`` it adds (each weight in ``[0, 1]``; row sums are
     ``>= 1`` and the rounds pull ``P`` towards the shift matrix). A strictly
-    lower-triangular ``P`` cannot be doubly stochastic anyway. The issue's
-    literal rule (mask, then the ordinary column normalisation over all
-    rows, summaries of the own block) would read future tokens through the
-    column sums and the own block's summary.
+    lower-triangular ``P`` cannot be doubly stochastic anyway. The plain
+    rule one might write first (mask, then the ordinary column normalisation
+    over all rows, summaries of the own block) would read future tokens
+    through the column sums and the own block's summary.
 ``sortcut=k`` (the paper's SortCut, non-causal)
     Every query attends to the first ``k`` sorted blocks only,
     ``out = softmax(scale·Q [K̃_0; …; K̃_{k−1}]ᵀ)·[Ṽ_0; …; Ṽ_{k−1}]``

@@ -42,7 +42,7 @@ def test_bench_linear_only_selects_and_rejects_unknown_names():
     assert "| % peak | % GEMM in rounds |" in out                      # the GEMM timed beside the variant
     assert "| control: q + k + v (memory only) |" not in out
     assert "  - performer_causal (scan): worst " in out and "(fwd" in out and "128 → 512)" in out
-    assert "- time linear in N (N→4N ≤ 4.4×), FAVOR+, the issue's configuration" in out
+    assert "- time linear in N (N→4N ≤ 4.4×), FAVOR+ (d = m = 64), the configuration the targets" in out
     assert "elu+1, a row beside" not in out                           # no elu+1 row selected
     ctl = _run([str(script), "--quick", "--only", "control"])
     assert "| control: q + k + v (memory only) | 512 |" in ctl and "| performer" not in ctl
