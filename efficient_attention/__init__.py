@@ -23,33 +23,33 @@ __all__ = [
 from .dense import DenseAttention, causal_mask  # noqa: E402
 __all__ += ["DenseAttention", "causal_mask"]
 
-# chapter 1: hand-designed patterns (issue 3)
+# chapter 1: hand-designed patterns
 from . import patterns  # noqa: E402
 from .sparse import GlobalAttention, SparseAttention  # noqa: E402
 __all__ += ["patterns", "SparseAttention", "GlobalAttention"]
 from .local import LocalAttention, StridedAttention  # noqa: E402
 __all__ += ["LocalAttention", "StridedAttention"]
 
-# chapter 2: clustered patterns (issue 6)
+# chapter 2: clustered patterns
 from .lsh import LSHAttention  # noqa: E402
 from .routing import RoutingAttention, kmeans_update  # noqa: E402
 __all__ += ["LSHAttention", "RoutingAttention", "kmeans_update"]
 
-# chapter 2: learned patterns (issue 7)
+# chapter 2: learned patterns
 from .sinkhorn import SinkhornAttention  # noqa: E402
 __all__ += ["SinkhornAttention"]
 
-# chapter 3: no N x N matrix (issue 5)
+# chapter 3: no N x N matrix
 from .lowrank import CompressedAttention, LinformerAttention  # noqa: E402
 __all__ += ["LinformerAttention", "CompressedAttention"]
 
-# chapter 4: the multiplication order (issue 4)
+# chapter 4: the multiplication order
 from .feature_maps import EluFeatureMap, FeatureMap, PerformerFeatureMap, RandomFourierFeatureMap  # noqa: E402
 from .linear import EfficientAttention, LinearAttention, LinearState  # noqa: E402
 __all__ += ["EluFeatureMap", "FeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap",
             "EfficientAttention", "LinearAttention", "LinearState"]
 
-# chapters 5-6 and multi-head layers (issue 8)
+# chapters 5-6 and multi-head layers
 from .layers import MultiHeadAttention, bigbird_heads, longformer_heads  # noqa: E402
 from .synthesizer import DenseSynthesizer, FactorizedRandomSynthesizer, RandomSynthesizer  # noqa: E402
 from .mixers import FourierMixer, GatedMLP, SpatialGatingUnit, TokenMixingMLP  # noqa: E402

@@ -93,7 +93,7 @@ from .kernels import lsh as _k
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
                        check_scale, resolve_scale, finite_policy)
 
-__all__ = ["LSHAttention", "hash_buckets", "chapter_figures"]
+__all__ = ["LSHAttention", "hash_buckets"]
 
 def hash_buckets(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     r"""Angular LSH buckets ``argmax([xR_r, -xR_r])`` of every row, every round.
@@ -366,90 +366,6 @@ class LSHAttention(AttentionCore):
             # S again, dV, dP, dQ, dK
             return Cost(2 * R * n * keys * (3 * d + 2 * dv), n * d + m * (d + dv) + ints)
         return Cost(attn + hashing, n * dv + n + ints)
-
-
-def _clustered_queries(n, d, n_clusters, seed):
-    """Queries around ``n_clusters`` random directions (the pictures' data: clear buckets)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((n_clusters, d))
-    return centers[rng.integers(0, n_clusters, n)] + 0.35 * rng.standard_normal((n, d))
-
-
-def _pattern_image(pattern, label_rows, order=None):
-    """Entries coloured by the row's label (1 + label), 0 where not allowed; rows and
-    columns permuted by ``order`` when given."""
-    dense = pattern.toarray()
-    img = np.where(dense, 1 + label_rows[:, None], 0)
-    if order is not None:
-        img = img[np.ix_(order, order)]
-    return img
-
-
-def chapter_figures(directory, n: int = 48, seed: int = 0) -> list:
-    """Draw the chapter's pictures (``02_lsh_sorting.png``, ``02_lsh_rounds.png``,
-    ``02_routing.png``) into ``directory``; the docs page and the notebook call it.
-    Needs matplotlib. Returns the paths."""
-    import os
-
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    from .routing import RoutingAttention
-    os.makedirs(directory, exist_ok=True)
-    cmap = ListedColormap(["white"] + [plt.get_cmap("tab10")(i) for i in range(10)] * 4)
-    paths = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        path = os.path.join(directory, name)
-        fig.savefig(path, dpi=64)
-        plt.close(fig)
-        paths.append(path)
-
-    def show(ax, img, title):
-        ax.imshow(img, cmap=cmap, vmin=0, vmax=cmap.N - 1, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-    q = _clustered_queries(n, 8, 4, seed)
-    chunk, n_buckets = 6, 8
-    exact = LSHAttention(n_buckets, chunk_size=None, seed=seed)
-    chunked = LSHAttention(n_buckets, chunk_size=chunk, seed=seed)
-    b = exact.buckets(q)[0]
-    order = np.argsort(b, kind="stable")
-    fig, axes = plt.subplots(1, 4, figsize=(11, 3.6))
-    show(axes[0], _pattern_image(exact.pattern(q), b), "buckets, original order")
-    show(axes[1], _pattern_image(exact.pattern(q), b, order), "buckets, sorted by (bucket, i)")
-    img = _pattern_image(chunked.pattern(q), b, order)
-    show(axes[2], img, f"chunks of {chunk} + previous chunk,\nsame bucket (sorted)")
-    for c in range(1, -(-n // chunk)):
-        for ax in axes[2:3]:
-            ax.axhline(c * chunk - 0.5, color="0.7", lw=0.5)
-            ax.axvline(c * chunk - 0.5, color="0.7", lw=0.5)
-    show(axes[3], _pattern_image(chunked.pattern(q), b), "chunked, original order")
-    save(fig, "02_lsh_sorting.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
-    for ax, rounds in zip(axes, (1, 2, 4)):
-        core = LSHAttention(n_buckets, n_hashes=rounds, chunk_size=chunk, seed=seed)
-        pat = core.pattern(q)
-        show(ax, _pattern_image(pat, np.zeros(n, np.int64)),
-             f"{rounds} round{'s' if rounds > 1 else ''}: {pat.nnz / n:.1f} keys/query")
-    save(fig, "02_lsh_rounds.png")
-
-    centroids = np.random.default_rng(seed + 1).standard_normal((4, 8))
-    exact_r = RoutingAttention(centroids)
-    topk = RoutingAttention(centroids, top_k=n // 4)
-    cq = exact_r.assign(q)
-    order_r = np.argsort(cq, kind="stable")
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
-    show(axes[0], _pattern_image(exact_r.pattern(q, q), cq), "routing, original order")
-    show(axes[1], _pattern_image(exact_r.pattern(q, q), cq, order_r), "sorted by cluster")
-    show(axes[2], _pattern_image(topk.pattern(q, q), cq, order_r),
-         f"balanced: top {n // 4} per centroid")
-    save(fig, "02_routing.png")
-    return paths
 
 
 def _lsh_factory(n, d, dv, seed, causal=False, n_hashes=2):

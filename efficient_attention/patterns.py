@@ -70,12 +70,13 @@ __all__ = [
     "union",
     "longformer",
     "bigbird",
+    "bigbird_parts",
+    "to_image",
     "to_ascii",
     "plot",
     "examples",
     "draw_pattern",
     "density",
-    "chapter_figures",
 ]
 
 
@@ -421,6 +422,36 @@ def bigbird(n: int, block_size: int, n_random_blocks: int, n_global_blocks: int,
     >>> p.shape, int(p.sum(axis=1).min())     # 8 blocks of 2; a row sees >= 1 + 2 + 1 blocks
     ((16, 16), 8)
     """
+    block_size, parts, causal = _bigbird_block_parts(n, block_size, n_random_blocks, n_global_blocks,
+                                                     window_blocks, seed, causal)
+    blocks = union(*parts.values())                           # (nb, nb) block pattern
+    p = _canonical(sp.kron(blocks, np.ones((block_size, block_size), bool), format="csr"))
+    return _lower(p) if causal else p
+
+
+def bigbird_parts(n: int, block_size: int, n_random_blocks: int, n_global_blocks: int,
+                  window_blocks: int = 3, seed: int = 0, causal: bool = False) -> dict:
+    """BigBird's three kinds of blocks as separate token patterns.
+
+    Same arguments and the same blocks as :func:`bigbird`; returns
+    ``{"window": ..., "global": ..., "random": ...}``, each an ``(n, n)``
+    boolean ``csr_array`` (causal: intersected with ``j <= i``) whose
+    :func:`union` is ``bigbird(...)``. The parts may overlap (a window block
+    of a global row is also a global block); the chapter's picture draws
+    them in one colour each.
+    """
+    block_size, parts, causal = _bigbird_block_parts(n, block_size, n_random_blocks, n_global_blocks,
+                                                     window_blocks, seed, causal)
+    ones = np.ones((block_size, block_size), bool)
+    out = {}
+    for name, blocks in parts.items():
+        p = _canonical(sp.kron(blocks, ones, format="csr"))
+        out[name] = _lower(p) if causal else p
+    return out
+
+
+def _bigbird_block_parts(n, block_size, n_random_blocks, n_global_blocks, window_blocks, seed, causal):
+    """Check :func:`bigbird`'s arguments; ``(block_size, block-level parts, causal)``."""
     n = check_int(n, "n", minimum=0)
     block_size = check_int(block_size, "block_size", minimum=1)
     if n % block_size:
@@ -432,9 +463,7 @@ def bigbird(n: int, block_size: int, n_random_blocks: int, n_global_blocks: int,
     seed = check_int(seed, "seed", minimum=0)
     causal = check_bool(causal, "causal")
     parts = _bigbird_blocks(nb, n_random_blocks, n_global_blocks, window_blocks, seed, causal)
-    blocks = union(*parts.values())                           # (nb, nb) block pattern
-    p = _canonical(sp.kron(blocks, np.ones((block_size, block_size), bool), format="csr"))
-    return _lower(p) if causal else p
+    return block_size, parts, causal
 
 
 # --------------------------------------------------------------------------- helpers for users and tests
@@ -516,12 +545,24 @@ def draw_pattern(rng: np.random.Generator, n: int) -> tuple[str, sp.csr_array]:
 
 # --------------------------------------------------------------------------- pictures
 
-def _coarsen(pattern, max_size: int) -> np.ndarray:
-    """Dense boolean picture of ``pattern``, blocks OR-ed so neither side exceeds ``max_size``."""
+def to_image(pattern, max_size: int | None = None) -> np.ndarray:
+    """The pattern as a dense boolean ``(rows, cols)`` array: what :func:`to_ascii`
+    prints and :func:`plot` draws.
+
+    With ``max_size``, a side longer than ``max_size`` is coarsened to at most
+    ``max_size`` cells: a cell stands for a block of entries and is True when
+    any entry of the block is allowed. ``None`` keeps every entry.
+    """
+    if not sp.issparse(pattern) or pattern.ndim != 2:
+        raise TypeError(f"pattern must be a 2-D scipy.sparse array, got {type(pattern).__name__}")
     n, m = pattern.shape
-    fr, fc = -(-n // max_size) if n > max_size else 1, -(-m // max_size) if m > max_size else 1
+    pattern = check_csr(pattern, n, m)
+    if max_size is not None:
+        max_size = check_int(max_size, "max_size", minimum=1)
+    fr = -(-n // max_size) if max_size is not None and n > max_size else 1
+    fc = -(-m // max_size) if max_size is not None and m > max_size else 1
     if fr == 1 and fc == 1:
-        return sp.csr_array(pattern).toarray().astype(bool)
+        return pattern.toarray()
     coo = sp.coo_array(pattern)
     img = np.zeros((-(-n // fr), -(-m // fc)), bool)
     img[coo.row // fr, coo.col // fc] = True
@@ -535,17 +576,8 @@ def to_ascii(pattern, on: str = "#", off: str = ".", max_size: int = 128) -> str
     character stands for a block and is ``on`` when any entry of the block is
     allowed.
     """
-    if not sp.issparse(pattern) or pattern.ndim != 2:
-        raise TypeError(f"pattern must be a 2-D scipy.sparse array, got {type(pattern).__name__}")
-    pattern = check_csr(pattern, *pattern.shape)
-    max_size = check_int(max_size, "max_size", minimum=1)
-    img = _coarsen(pattern, max_size)
-    chars = np.where(img, on, off)
+    chars = np.where(to_image(pattern, max_size), on, off)
     return "\n".join("".join(row) for row in chars)
-
-
-#: one colour per pattern (the lecture's: local, strided, global, random, ...)
-COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 
 
 def plot(pattern, ax=None, path=None, *, labels=None, colors=None, title=None, max_size: int = 256):
@@ -553,132 +585,17 @@ def plot(pattern, ax=None, path=None, *, labels=None, colors=None, title=None, m
     cells, query ``i`` down the rows, key ``j`` along the columns, allowed
     cells filled.
 
-    Parameters
-    ----------
-    pattern : sparse (N, M) array or list of them
-        Several patterns are drawn in one picture, one colour each; where
-        they overlap the later one is on top.
-    ax : matplotlib Axes, optional
-        Drawn into; a new figure otherwise.
-    path : str or Path, optional
-        Save the figure there (PNG).
-    labels, colors : list of str, optional
-        Legend entries and colours, one per pattern.
-    title : str, optional
-    max_size : int
-        Larger patterns are coarsened to blocks (a block is filled when any
-        of its entries is allowed).
+    The same function as :func:`efficient_attention.plot.plot_pattern`, which
+    documents the arguments; it returns the matplotlib ``Axes`` and needs
+    matplotlib (``pip install 'efficient_attention[plot]'``).
 
-    Returns
-    -------
-    The matplotlib ``Axes``. Needs matplotlib (``pip install 'efficient_attention[plot]'``).
+    Notes
+    -----
+    Every picture the library draws lives in :mod:`efficient_attention.plot`,
+    which imports this module (its chapter figures build patterns); so this
+    alias imports :mod:`efficient_attention.plot` when called, not at import
+    time: a module-level import here would be a cycle, and would put plotting
+    code on the import path of the algorithm.
     """
-    try:
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-        from matplotlib.patches import Patch
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("plot needs matplotlib: pip install 'efficient_attention[plot]'") from exc
-    pats = list(pattern) if isinstance(pattern, (list, tuple)) else [pattern]
-    if not pats:
-        raise ValueError("pattern must be a sparse array or a non-empty list of them, got an empty list")
-    for i, p in enumerate(pats):
-        if not sp.issparse(p) or p.ndim != 2:
-            raise TypeError(f"pattern[{i}] must be a 2-D scipy.sparse array, got {type(p).__name__}")
-    n, m = pats[0].shape
-    pats = [check_csr(p, n, m, f"pattern[{i}]") for i, p in enumerate(pats)]
-    colors = list(colors) if colors is not None else [COLORS[i % len(COLORS)] for i in range(len(pats))]
-    if len(colors) < len(pats):
-        raise ValueError(f"colors must give one colour per pattern ({len(pats)}), got {len(colors)}")
-    if labels is not None and len(labels) != len(pats):
-        raise ValueError(f"labels must give one label per pattern ({len(pats)}), got {len(labels)}")
-    img = np.zeros(_coarsen(pats[0], max_size).shape, np.int64)
-    for c, p in enumerate(pats, start=1):                     # later patterns on top
-        img[_coarsen(p, max_size)] = c
-    if ax is None:
-        side = 4.0 if max(img.shape) > 24 else 3.0
-        fig, ax = plt.subplots(figsize=(side + (1.4 if labels else 0), side))
-    else:
-        fig = ax.figure
-    cmap = ListedColormap(["white"] + colors[:len(pats)])
-    ax.imshow(img, cmap=cmap, vmin=0, vmax=len(pats), interpolation="nearest", aspect="equal")
-    rows, cols = img.shape
-    if max(rows, cols) <= 64:                                  # the grid of cells
-        ax.set_xticks(np.arange(-0.5, cols, 1), minor=True)
-        ax.set_yticks(np.arange(-0.5, rows, 1), minor=True)
-        ax.grid(which="minor", color="#bbbbbb", linewidth=0.5)
-        ax.tick_params(which="minor", length=0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.xaxis.set_label_position("top")
-    ax.set_xlabel(f"key j ({m})")
-    ax.set_ylabel(f"query i ({n})")
-    if title:
-        ax.set_title(title, fontsize=10, pad=18)
-    if labels:
-        ax.legend(handles=[Patch(color=c, label=lab) for c, lab in zip(colors, labels)],
-                  loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
-    if path is not None:
-        fig.savefig(path, dpi=80, bbox_inches="tight")
-    return ax
-
-
-def _block_parts(n: int, block_size: int, n_random_blocks: int, n_global_blocks: int,
-                 window_blocks: int = 3, seed: int = 0, causal: bool = False) -> dict:
-    """BigBird's three kinds of blocks as separate token patterns (their union is :func:`bigbird`)."""
-    ones = np.ones((block_size, block_size), bool)
-    parts = _bigbird_blocks(n // block_size, n_random_blocks, n_global_blocks, window_blocks, seed, causal)
-    out = {}
-    for name, blocks in parts.items():
-        p = _canonical(sp.kron(blocks, ones, format="csr"))
-        out[name] = _lower(p) if causal else p
-    return out
-
-
-def chapter_figures(directory, n: int = 24) -> list:
-    """Draw the chapter's pictures with :func:`plot` into ``directory`` as
-    ``01_*.png`` (the docs page and the notebook call this); returns the paths."""
-    import os
-
-    import matplotlib.pyplot as plt
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-
-    def panels(name, items, width=2.6):
-        fig, axes = plt.subplots(1, len(items), figsize=(width * len(items) + 1.2, width + 0.6))
-        axes = np.atleast_1d(axes)
-        for ax, (title, pats, labels) in zip(axes, items):
-            plot(pats, ax=ax, labels=labels, title=title)
-        fig.tight_layout()
-        path = os.path.join(directory, f"01_{name}.png")
-        fig.savefig(path, dpi=72)
-        plt.close(fig)
-        paths.append(path)
-
-    w = 3
-    panels("local_strided", [
-        ("local, window 3", [local(n, w)], None),
-        ("local, causal", [local(n, w, causal=True)], None),
-        ("strided, stride 4", [strided(n, 4)], None),
-        ("strided, causal", [strided(n, 4, causal=True)], None),
-    ])
-    panels("global_random", [
-        ("global tokens 0, 12", [global_tokens(n, [0, n // 2])], None),
-        ("random, 3 per row", [random(n, 3, 0)], None),
-    ])
-    panels("longformer", [
-        ("Longformer", [local(n, w), global_tokens(n, [0])], ["window", "global"]),
-        ("dilated (2)", [strided(n, 2, w), global_tokens(n, [0])], ["dilated window", "global"]),
-    ], width=3.0)
-    parts = _block_parts(32, 4, 1, 1, seed=1)
-    panels("bigbird", [
-        ("BigBird, blocks of 4", [parts["random"], parts["window"], parts["global"]],
-         ["random", "window", "global"]),
-    ], width=3.4)
-    panels("per_head", [
-        ("head 0: local", [local(n, 2)], None),
-        ("head 1: strided", [strided(n, 5, causal=False)], None),
-        ("head 2: global", [global_tokens(n, [0])], None),
-        ("head 3: random", [random(n, 2, 0)], None),
-    ])
-    return paths
+    from .plot import plot_pattern                 # on call: plot imports patterns (see Notes)
+    return plot_pattern(pattern, ax, path, labels=labels, colors=colors, title=title, max_size=max_size)

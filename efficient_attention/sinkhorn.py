@@ -56,10 +56,10 @@ Semantics (``b`` = ``block_size``, ``n_b = N / b`` blocks)
     whole previous block, and the sort net decides how much of the *older*
     blocks ``c' < c − 1`` it adds (each weight in ``[0, 1]``; row sums are
     ``>= 1`` and the rounds pull ``P`` towards the shift matrix). A strictly
-    lower-triangular ``P`` cannot be doubly stochastic anyway. The issue's
-    literal rule (mask, then the ordinary column normalisation over all
-    rows, summaries of the own block) would read future tokens through the
-    column sums and the own block's summary.
+    lower-triangular ``P`` cannot be doubly stochastic anyway. The plain
+    rule one might write first (mask, then the ordinary column normalisation
+    over all rows, summaries of the own block) would read future tokens
+    through the column sums and the own block's summary.
 ``sortcut=k`` (the paper's SortCut, non-causal)
     Every query attends to the first ``k`` sorted blocks only,
     ``out = softmax(scale·Q [K̃_0; …; K̃_{k−1}]ᵀ)·[Ṽ_0; …; Ṽ_{k−1}]``
@@ -128,8 +128,7 @@ from .softmax import logsumexp
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
                        check_int, check_qkv, check_real, check_scale, resolve_scale, finite_policy)
 
-__all__ = ["SinkhornAttention", "sinkhorn", "sinkhorn_backward", "block_mask", "PartnerTask",
-           "partner_task", "train_partner_task", "plot_sort_matrix"]
+__all__ = ["SinkhornAttention", "sinkhorn", "sinkhorn_backward", "block_mask"]
 
 
 # ---------------------------------------------------------------- Sinkhorn in log space
@@ -574,90 +573,6 @@ class SinkhornAttention(AttentionCore):
         flops = sort_net + sorted_blocks + attention
         memory = 3 * nb * nb + n * keys + 2 * n * (d + dv) + n * dv
         return Cost(flops, memory)
-
-
-# ---------------------------------------------------------------- the trainable example and the picture
-
-class PartnerTask(NamedTuple):
-    """Block retrieval: every block must read the values of its partner block ``partner[c]``."""
-    partner: np.ndarray     # (n_b,) a fixed permutation without fixed points
-    q: np.ndarray           # (N, D)
-    k: np.ndarray           # (N, D)
-    block_size: int
-    dv: int
-
-
-def partner_task(n_blocks=8, block_size=4, d=16, dv=8, noise=0.1, seed=0) -> PartnerTask:
-    """Queries and keys for the partner-retrieval task (``d >= n_blocks``).
-
-    Keys of block ``c`` are ``e_c`` (one-hot block identity) plus a small
-    per-block offset, so the block sums that feed the sort net carry the
-    identity ``block_size·e_c`` (and keys are equal inside a block, so
-    attention over a block is uniform); queries of block ``c`` are
-    ``6·sqrt(D)·e_partner[c]`` plus noise, so with the default scale a query
-    scores about 6 against its partner's keys and about 0 against its own:
-    once the partner block is sorted in, its keys dominate the one softmax.
-    Values are fresh random numbers at every step; the target of every query
-    of block ``c`` is the mean of the partner block's values (what uniform
-    attention over that block returns).
-    """
-    if d < n_blocks:
-        raise ValueError(f"d must be >= n_blocks = {n_blocks} (one-hot block identities), got {d}")
-    rng = np.random.default_rng(seed)
-    partner = rng.permutation(n_blocks)
-    while n_blocks > 1 and np.any(partner == np.arange(n_blocks)):
-        partner = rng.permutation(n_blocks)
-    ids = np.repeat(np.arange(n_blocks), block_size)           # block of every token  (N,)
-    n = n_blocks * block_size
-    k = np.eye(d)[ids]                                         # identical keys inside a block
-    k = k + noise * rng.standard_normal((n_blocks, d))[ids]    # + a per-block offset
-    q = 6.0 * np.sqrt(d) * np.eye(d)[partner[ids]] + noise * rng.standard_normal((n, d))
-    return PartnerTask(partner, q, k, block_size, dv)
-
-
-def train_partner_task(task: PartnerTask | None = None, steps=200, lr=2.0, batch=4, temperature=0.5,
-                       n_iters=8, seed=0):
-    """Train **only** ``w_sort`` by plain gradient descent with this module's backward.
-
-    Loss: mean squared error between the outputs and the partner blocks'
-    mean values, on a batch of fresh random values per step (so ``w_sort``
-    must learn the permutation, not the values). Returns ``(core, losses)``.
-    """
-    task = partner_task() if task is None else task
-    n, d = task.k.shape
-    bs, nb = task.block_size, n // task.block_size
-    core = SinkhornAttention.init(bs, d, nb, seed, n_iters=n_iters, temperature=temperature)
-    rng = np.random.default_rng(seed + 1)
-    q = np.broadcast_to(task.q, (batch, n, d))
-    k = np.broadcast_to(task.k, (batch, n, d))
-    losses = []
-    for _ in range(steps):
-        v = rng.standard_normal((batch, nb, bs, task.dv))
-        target = np.repeat(v[:, task.partner].mean(axis=2), bs, axis=1)   # (B, N, Dv)
-        out, cache = core.forward(q, k, v.reshape(batch, n, task.dv))
-        diff = out - target
-        losses.append(float(np.mean(diff ** 2)))
-        grads = core.backward(cache, 2.0 * diff / diff.size)              # d(mean sq. error)/d out
-        core.w_sort -= lr * grads.params["w_sort"]                        # plain gradient descent
-    return core, np.array(losses)
-
-
-def plot_sort_matrix(p, ax=None, partner=None, title=None):
-    """Draw ``P`` (rows: query blocks, columns: key blocks) as a grey-scale
-    picture; ``partner`` marks the target entries with red rings. Needs matplotlib."""
-    import matplotlib.pyplot as plt
-    p = np.asarray(p)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(3, 3))
-    ax.imshow(p, cmap="Greys", vmin=0, vmax=max(1e-12, float(p.max())))
-    if partner is not None:
-        ax.scatter(np.asarray(partner), np.arange(len(partner)), s=80, facecolors="none",
-                   edgecolors="red", linewidths=1)
-    ax.set_xlabel("key block c'")
-    ax.set_ylabel("query block c")
-    if title:
-        ax.set_title(title, fontsize=9)
-    return ax
 
 
 def _factory(n, d, dv, seed, **config):

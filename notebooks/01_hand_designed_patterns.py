@@ -30,6 +30,7 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention import patterns as P
 from efficient_attention.bench import median_time
+from efficient_attention.plot import hand_designed_figures
 from efficient_attention.sparse import GlobalAttention, SparseAttention
 from efficient_attention.testing import assert_attention_close
 
@@ -52,8 +53,9 @@ for name, pat in [("local(12, 2)", P.local(12, 2)),
 
 # %% [markdown]
 # ## The pictures
-# `plot` draws a pattern (or several, one colour each) the way the lecture
-# does; `chapter_figures` draws the pictures of the docs page.
+# `patterns.plot` (the same as `efficient_attention.plot.plot_pattern`) draws a
+# pattern (or several, one colour each) the way the lecture does;
+# `efficient_attention.plot.hand_designed_figures` draws the pictures of the docs page.
 
 # %%
 here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
@@ -62,7 +64,7 @@ if os.environ.get("EA_SAVE_IMG") == "1":                # rewrite docs/img/01_*.
 else:
     import tempfile
     img_dir = tempfile.mkdtemp(prefix="ea_patterns_")
-for path in P.chapter_figures(img_dir):
+for path in hand_designed_figures(img_dir):
     print("drew", path)
 
 # %% [markdown]

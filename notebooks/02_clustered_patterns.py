@@ -33,7 +33,8 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
-from efficient_attention.lsh import LSHAttention, chapter_figures, hash_buckets
+from efficient_attention.lsh import LSHAttention, hash_buckets
+from efficient_attention.plot import clustered_figures
 from efficient_attention.routing import RoutingAttention, kmeans_update
 
 FULL = os.environ.get("EA_FULL") == "1"
@@ -88,7 +89,7 @@ print("exact mode vs masked dense:", np.abs(core(q, None, v)[0] - ref).max())
 # sizes. We do **not** wrap around (chunk 0 does not see the last chunk).
 
 # %%
-paths = chapter_figures(IMG)
+paths = clustered_figures(IMG)
 print("\n".join(str(p) for p in paths))
 
 # %% [markdown]

@@ -165,12 +165,32 @@ def test_bigbird_random_blocks_follow_the_seed_and_cover_the_candidates():
     assert any((a != extras[0]).any() for a in extras[1:])                   # other seeds, other blocks
     assert np.all(np.sum(extras, axis=0)[~fixed] > 0)                        # every candidate block drawn
     # the parts drawn in the chapter's picture are the same blocks
-    parts = P._block_parts(nb * block, block, 3, 2, 3, seed=7)
+    parts = P.bigbird_parts(nb * block, block, 3, 2, 3, seed=7)
     np.testing.assert_array_equal(P.union(*parts.values()).toarray(),
                                   P.bigbird(nb * block, block, 3, 2, 3, 7).toarray())
-    parts = P._block_parts(nb * block, block, 3, 2, 3, seed=7, causal=True)
+    parts = P.bigbird_parts(nb * block, block, 3, 2, 3, seed=7, causal=True)
     np.testing.assert_array_equal(P.union(*parts.values()).toarray(),
                                   P.bigbird(nb * block, block, 3, 2, 3, 7, causal=True).toarray())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_parts_are_the_three_kinds_of_blocks(causal):
+    nb, block, n_rand, n_glob, wb = 10, 3, 2, 2, 3
+    n = nb * block
+    parts = P.bigbird_parts(n, block, n_rand, n_glob, wb, seed=4, causal=causal)
+    assert set(parts) == {"window", "global", "random"}
+    dense = {name: _check_csr(part, n) for name, part in parts.items()}
+    fixed = bigbird_fixed_blocks(nb, n_glob, wb)
+    window = bigbird_fixed_blocks(nb, 0, wb)
+    np.testing.assert_array_equal(dense["window"], expand_blocks(window, block, causal))
+    np.testing.assert_array_equal(dense["window"] | dense["global"], expand_blocks(fixed, block, causal))
+    assert not (dense["random"] & expand_blocks(fixed, block)).any()    # extra blocks only
+    allowed = np.tri(nb, dtype=bool) if causal else np.ones((nb, nb), bool)
+    extra = dense["random"][::block, ::block]                               # random blocks, by block
+    np.testing.assert_array_equal(dense["random"], expand_blocks(extra, block, causal))
+    np.testing.assert_array_equal(extra.sum(axis=1), np.minimum(n_rand, (~fixed & allowed).sum(axis=1)))
+    np.testing.assert_array_equal(P.union(*parts.values()).toarray(),
+                                  P.bigbird(n, block, n_rand, n_glob, wb, seed=4, causal=causal).toarray())
 
 
 def test_degenerate_patterns_are_full():
@@ -211,6 +231,22 @@ def test_examples_and_draw_pattern_reproduce():
 
 
 # --------------------------------------------------------------------------- pictures
+
+def test_to_image_is_the_pattern_or_its_blocks():
+    p = P.random(30, 3, 1, m=17)
+    np.testing.assert_array_equal(P.to_image(p), p.toarray())
+    np.testing.assert_array_equal(P.to_image(p, max_size=30), p.toarray())
+    img = P.to_image(p, max_size=8)                          # blocks of 4 rows x 3 columns
+    assert img.shape == (8, 6) and img.dtype == np.bool_
+    dense = p.toarray()
+    for r in range(8):
+        for c in range(6):
+            assert img[r, c] == dense[4 * r:4 * r + 4, 3 * c:3 * c + 3].any()
+    with pytest.raises(ValueError, match="max_size"):
+        P.to_image(p, max_size=0)
+    with pytest.raises(TypeError, match="pattern"):
+        P.to_image(dense)
+
 
 def test_to_ascii_matches_pattern():
     p = P.longformer(9, 1, [4])
@@ -277,6 +313,8 @@ def test_plot_draws_one_colour_per_pattern(tmp_path):
     (lambda: P.bigbird(8, 4, 1, 3), ValueError, "n_global_blocks"),
     (lambda: P.bigbird(8, 4, 1, 1, window_blocks=-1), ValueError, "window_blocks"),
     (lambda: P.bigbird(8, 4, 1, 1, causal=None), TypeError, "causal"),
+    (lambda: P.bigbird_parts(10, 4, 1, 1), ValueError, "block_size"),
+    (lambda: P.bigbird_parts(8, 4, 3, 1), ValueError, "n_random_blocks"),
     (lambda: P.to_ascii(np.eye(3)), TypeError, "pattern"),
 ])
 def test_bad_arguments(call, exc, word):

@@ -1,4 +1,5 @@
-"""Sparse Sinkhorn attention: oracle comparisons, gradients, causality, the sort matrix, training."""
+"""Sparse Sinkhorn attention: oracle comparisons, gradients, causality, the sort matrix (the training
+example lives in notebooks/02_learned_patterns.py, which tests/test_scripts.py runs)."""
 import math
 
 import numpy as np
@@ -9,8 +10,7 @@ from hypothesis import strategies as st
 import efficient_attention as ea
 from efficient_attention.bench import rel_error
 from efficient_attention.dense import DenseAttention
-from efficient_attention.sinkhorn import (SinkhornAttention, partner_task, sinkhorn, sinkhorn_backward,
-                                          train_partner_task)
+from efficient_attention.sinkhorn import SinkhornAttention, sinkhorn, sinkhorn_backward
 from efficient_attention.testing import assert_attention_close, float_arrays
 
 
@@ -433,25 +433,6 @@ def test_registry_builds():
             assert core.causal == causal and core.w_sort.dtype == np.float64
             assert core.block_size * core.n_blocks == n and core.n_blocks >= 4
         assert var.build(n=4096, d=64).block_size == 64
-
-
-# ---------------------------------------------------------------- trainable with the network
-
-def test_training_only_w_sort_learns_the_partner_permutation():
-    """Plain gradient descent on w_sort alone, with the library's backward: the
-    loss falls at least 10x and P puts most of its mass on the partner blocks."""
-    task = partner_task(n_blocks=8, block_size=4, d=16, dv=8, seed=0)
-    core, losses = train_partner_task(task, steps=200, lr=2.0, seed=0)
-    start, end = losses[:5].mean(), losses[-10:].mean()
-    assert start / end >= 10, (start, end)
-    p = core.sort_matrix(task.k)
-    nb = len(task.partner)
-    on_partner = p[np.arange(nb), task.partner]
-    assert np.all(on_partner > 0.5), on_partner
-    assert np.array_equal(p.argmax(axis=1), task.partner)
-    # before training, P is far from the partner permutation
-    untrained = SinkhornAttention.init(4, 16, 8, 0, temperature=0.5).sort_matrix(task.k)
-    assert untrained[np.arange(nb), task.partner].mean() < 0.5
 
 
 # ---------------------------------------------------------------- the numba kernels against their NumPy twins
