@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .core import AttentionCore, Cost, Grads
-from .softmax import probs_from_lse, softmax_lse
+from .ops import attend_block, attend_block_backward
 from .validate import (check_bool, check_cache, check_dout, check_mask, check_qkv, check_scale,
                        resolve_scale, finite_policy)
 
@@ -58,25 +58,15 @@ class _DenseCache(NamedTuple):
 
 
 def _forward(q, k, v, mask, scale):
-    scores = scale * (q @ np.swapaxes(k, -1, -2))          # S = s QKᵀ            (..., N, M)
-    probs, lse = softmax_lse(scores, mask)                 # P = softmax(S), lse  (..., N, M), (..., N)
-    out = probs @ v                                        # O = PV               (..., N, Dv)
+    out, lse = attend_block(q, k, v, mask, scale)          # O = softmax(s QKᵀ) V, lse   (..., N, Dv), (..., N)
     return out, _DenseCache(q, k, v, mask, out, lse, scale)
 
 
 def _backward(cache: _DenseCache, dout):
     q, k, v, mask, out, lse, scale = cache
-    scores = scale * (q @ np.swapaxes(k, -1, -2))          # recompute S           (..., N, M)
-    probs = probs_from_lse(scores, lse, mask)              # P = exp(S - lse)
-    dv = np.swapaxes(probs, -1, -2) @ dout                 # dV = Pᵀ dO            (..., M, Dv)
-    dscores = dout @ np.swapaxes(v, -1, -2)                # dP = dO Vᵀ            (..., N, M)
-    # dS = P ⊙ (dP - rowsum(P ⊙ dP)); rowsum(P ⊙ dP) = rowsum(dO ⊙ O) because O = PV,
-    # which costs N·Dv instead of a pass over N×M (in place: dP becomes dS)
-    dscores -= np.sum(dout * out, axis=-1, keepdims=True)
-    dscores *= probs
-    dq = scale * (dscores @ k)                             # dQ = s dS K           (..., N, D)
-    dk = scale * (np.swapaxes(dscores, -1, -2) @ q)        # dK = s dSᵀ Q          (..., M, D)
-    return dq, dk, dv
+    # rowsum(P ⊙ dP) = rowsum(dO ⊙ O) because O = PV: N·Dv work instead of a pass over N×M
+    delta = np.sum(dout * out, axis=-1)                    # δ                    (..., N)
+    return attend_block_backward(q, k, v, mask, scale, lse, delta, dout)   # P from lse, then dV, dS, dQ, dK
 
 
 class DenseAttention(AttentionCore):

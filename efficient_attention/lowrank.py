@@ -64,9 +64,7 @@ import numpy as np
 
 from . import config
 from .core import AttentionCore, Cost, Grads
-from .dense import _DenseCache
-from .dense import _backward as _dense_backward
-from .dense import _forward as _dense_forward
+from .ops import attend_block, attend_block_backward
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_int, check_qkv,
                        check_scale, resolve_scale, finite_policy)
 
@@ -113,9 +111,9 @@ def _attend(q, kr, vr, scale, visible=None, block=None):
     for i0 in range(0, n, block):
         rows = slice(i0, min(n, i0 + block))
         mask = _block_mask(visible, rows, kr.shape[-2])
-        o, c = _dense_forward(q[..., rows, :], kr, vr, mask, scale)     # the oracle on a block
+        o, l = attend_block(q[..., rows, :], kr, vr, mask, scale)      # the oracle's block attention
         out[..., rows, :] = o
-        lse[..., rows] = c.lse
+        lse[..., rows] = l
     return out, _AttendCache(q, kr, vr, out, lse, scale, visible, block)
 
 
@@ -129,8 +127,9 @@ def _attend_backward(cache: _AttendCache, dout):
     for i0 in range(0, n, block):
         rows = slice(i0, min(n, i0 + block))
         mask = _block_mask(visible, rows, kr.shape[-2])
-        blk = _DenseCache(q[..., rows, :], kr, vr, mask, out[..., rows, :], lse[..., rows], scale)
-        dq_b, dkr_b, dvr_b = _dense_backward(blk, dout[..., rows, :])
+        delta = np.sum(dout[..., rows, :] * out[..., rows, :], axis=-1)     # rowsum(dO ⊙ O)
+        dq_b, dkr_b, dvr_b = attend_block_backward(q[..., rows, :], kr, vr, mask, scale, lse[..., rows],
+                                                   delta, dout[..., rows, :])
         dq[..., rows, :] = dq_b
         dkr += dkr_b                                                    # Σ over query blocks
         dvr += dvr_b

@@ -47,7 +47,7 @@ from .softmax import probs_from_lse, softmax_lse
 from .validate import (as_float_array, check_bool, check_dout, check_finite_array, check_mask,
                        check_qkv, check_scale, resolve_scale)
 
-__all__ = ["attend", "attend_backward", "merge"]
+__all__ = ["attend", "attend_backward", "attend_block", "attend_block_backward", "merge"]
 
 
 def _dense_mask(mask, n, m, batch_shape):
@@ -110,7 +110,18 @@ def attend(q, k, v, *, mask=None, scale=None, check_finite: bool = True):
     """
     q, k, v = check_qkv(q, k, v, check_finite=check_bool(check_finite, "check_finite"))
     mask = _dense_mask(mask, q.shape[-2], k.shape[-2], q.shape[:-2])
-    scale = resolve_scale(check_scale(scale), q.shape[-1])
+    return attend_block(q, k, v, mask, resolve_scale(check_scale(scale), q.shape[-1]))
+
+
+def attend_block(q, k, v, mask, scale: float):
+    r""":func:`attend` on arrays that are already valid: ``(out, lse)``, no checks.
+
+    The building block the chapters share (dense attention, Linformer's and compressed
+    attention's blocks of queries, Sinkhorn's sorted blocks): ``q, k, v`` of one float dtype
+    with matching shapes, ``mask`` None or a dense boolean array broadcastable to
+    ``(..., N, M)``, ``scale`` a Python float. A public entry point checks its arguments once
+    and then calls this.
+    """
     scores = scale * (q @ np.swapaxes(k, -1, -2))            # S = s QKᵀ            (..., N, M)
     probs, lse = softmax_lse(scores, mask)                    # P = softmax(S), lse  (..., N, M), (..., N)
     return probs @ v, lse                                     # O = PV               (..., N, Dv)
@@ -173,7 +184,17 @@ def attend_backward(q, k, v, out, lse, dout, *, mask=None, scale=None, delta=Non
     if check_finite:
         check_finite_array(dout, "dout")
     mask = _dense_mask(mask, n, m, q.shape[:-2])
-    scale = resolve_scale(check_scale(scale), q.shape[-1])
+    return attend_block_backward(q, k, v, mask, resolve_scale(check_scale(scale), q.shape[-1]),
+                                 lse, delta, dout)
+
+
+def attend_block_backward(q, k, v, mask, scale: float, lse, delta, dout):
+    r""":func:`attend_backward` on arrays that are already valid: ``(dq, dk, dv)``, no checks.
+
+    ``lse`` ``(..., N)`` the (merged) log-sum-exp, ``delta`` ``(..., N)`` the row sums
+    ``rowsum(dout ⊙ out)`` of the (merged) output, ``dout`` ``(..., N, Dv)``; the other
+    arguments as for :func:`attend_block`.
+    """
     scores = scale * (q @ np.swapaxes(k, -1, -2))            # recompute S           (..., N, M)
     probs = probs_from_lse(scores, lse, mask)                 # P_j = exp(S_j - ℓ)
     dv = np.swapaxes(probs, -1, -2) @ dout                    # dV = Pᵀ dO            (..., M, Dv)

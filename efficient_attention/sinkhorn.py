@@ -122,8 +122,7 @@ import numpy as np
 
 from . import config
 from .core import AttentionCore, Cost, Grads
-from .dense import _backward as _attention_backward
-from .dense import _forward as _attention_forward
+from .ops import attend_block, attend_block_backward
 from .softmax import logsumexp
 from .validate import (as_float_array, check_bool, check_cache, check_dout, check_finite_array,
                        check_int, check_qkv, check_real, check_scale, resolve_scale, finite_policy)
@@ -254,10 +253,11 @@ def _causal_sort_mask(n_blocks: int) -> np.ndarray:
 # ---------------------------------------------------------------- forward / backward
 
 def _chunked_attention_forward(qx, keys, vals, mask, scale, blockwise):
-    """The dense oracle's forward over chunks of blocks (``blockwise``: axis -3 of
-    ``qx (..., n_b, b, D)``, ``keys (..., n_b, 2b, D)``) or of query rows (SortCut:
-    axis -2 of ``qx (..., N, D)``, all chunks sharing ``keys (..., k·b, D)``),
-    so that only one chunk's scores exist at a time. Returns ``(out, caches)``."""
+    """The oracle's block attention (:func:`~efficient_attention.ops.attend_block`) over chunks
+    of blocks (``blockwise``: axis -3 of ``qx (..., n_b, b, D)``, ``keys (..., n_b, 2b, D)``) or
+    of query rows (SortCut: axis -2 of ``qx (..., N, D)``, all chunks sharing
+    ``keys (..., k·b, D)``), so that only one chunk's scores exist at a time. Returns
+    ``(out, caches)``, a cache ``(slice, q, keys, values, mask, out, lse, scale)`` per chunk."""
     axis = -3 if blockwise else -2
     batch = int(np.prod(qx.shape[:axis]))
     per_unit = batch * keys.shape[-2] * (qx.shape[-2] if blockwise else 1)
@@ -268,22 +268,23 @@ def _chunked_attention_forward(qx, keys, vals, mask, scale, blockwise):
     for start in range(0, units, step):
         sl = (Ellipsis, slice(start, start + step)) + (slice(None),) * (-axis - 1)
         if blockwise:
-            o, c = _attention_forward(qx[sl], keys[sl], vals[sl], None if mask is None else mask[start:start + step],
-                                      scale)
+            chunk = (qx[sl], keys[sl], vals[sl], None if mask is None else mask[start:start + step])
         else:
-            o, c = _attention_forward(qx[sl], keys, vals, None, scale)
+            chunk = (qx[sl], keys, vals, None)
+        o, lse = attend_block(*chunk, scale)
         out[sl] = o
-        caches.append((sl, c))
+        caches.append((sl, *chunk, o, lse, scale))
     return out, caches
 
 
 def _chunked_attention_backward(caches, dout, q_shape, keys_shape, vals_shape, dtype, blockwise):
-    """Backward of :func:`_chunked_attention_forward`: chunk by chunk, the oracle's backward."""
+    """Backward of :func:`_chunked_attention_forward`: chunk by chunk, the oracle's block backward."""
     dq = np.empty(q_shape, dtype)
     dkeys = np.empty(keys_shape, dtype) if blockwise else np.zeros(keys_shape, dtype)
     dvals = np.empty(vals_shape, dtype) if blockwise else np.zeros(vals_shape, dtype)
-    for sl, c in caches:
-        dqc, dkc, dvc = _attention_backward(c, dout[sl])
+    for sl, q_c, keys_c, vals_c, mask_c, out_c, lse_c, scale in caches:
+        delta = np.sum(dout[sl] * out_c, axis=-1)                # rowsum(dO ⊙ O)
+        dqc, dkc, dvc = attend_block_backward(q_c, keys_c, vals_c, mask_c, scale, lse_c, delta, dout[sl])
         dq[sl] = dqc
         if blockwise:                                          # blocks own their keys
             dkeys[sl] = dkc
@@ -295,7 +296,7 @@ def _chunked_attention_backward(caches, dout, q_shape, keys_shape, vals_shape, d
 
 
 class _SinkhornCache(NamedTuple):
-    attn: list                  # the block attention's caches (dense oracle's, per chunk of blocks)
+    attn: list                  # the block attention's caches, one per chunk of blocks
     attn_shapes: tuple          # shapes of its q, keys, values
     k_blocks: np.ndarray        # (..., n_b, b·D)
     v_blocks: np.ndarray        # (..., n_b, b·Dv)
