@@ -17,8 +17,8 @@ into tiles of :math:`b_k` columns. For each query tile :math:`I` the layout list
 :math:`J` that hold at least one allowed entry, each marked *full* (every entry allowed: no
 masking inside) or *partial* (with its boolean :math:`b_q\times b_k` tile; identical tiles are
 stored once). Tiles with no allowed entry are never touched. ``density`` is the fraction of tiles
-computed: a window of 64 keys on each side at :math:`N = 4096` with tiles of 128 needs 3 of the
-32 key tiles of a row (0.09).
+computed: a window of 64 keys on each side at :math:`N = 4096` with tiles of 64 needs 3 of the
+64 key tiles of a row (0.046). The tile size is chosen per mask (``TILES`` below).
 
 **Forward** (FlashAttention-2, Dao 2023, arXiv:2307.08691, Algorithm 1). For each query tile,
 an online softmax over its key tiles, with a running row maximum :math:`m`, sum :math:`l` and
@@ -73,10 +73,13 @@ both; ``torch.where`` is ``np.where``); the strip is never more than ``BUILD_SCA
 Settings (module level, read at call time; measured on the 2-core benchmark machine, see
 ``benchmarks/bench_blocksparse.py``):
 
-``QUERY_BLOCK``, ``KEY_BLOCK``
-    the default tile (``b_q``, ``b_k``) of :class:`BlockMask` (128 × 128: a float32 tile of
-    scores is 64 KB, with the ``Q`` and ``K`` tiles (32 KB each at D = 64) it stays in the
-    1 MB L2 cache of a core).
+``TILES``
+    the tiles (``b_q``, ``b_k``) a :class:`BlockMask` chooses from when ``block_size`` is None,
+    with their measured relative cost per computed pair: the layout is built with the finest
+    tiles and coarsened (exactly) to the candidate that computes the fewest weighted pairs.
+    128 × 128 for dense masks and wide windows (a float32 score tile is 64 KB; with the ``Q``
+    and ``K`` tiles, 32 KB each at D = 64, it stays in the 1 MB L2 cache of a core), 64 × 64 for
+    BigBird's blocks of 64 (no masked entry computed).
 ``BUILD_SCALARS``
     the largest number of booleans (or pattern entries) handled at once while a layout is built.
 ``LIMIT_BLAS``
@@ -101,10 +104,11 @@ from .validate import (check_bool, check_csr, check_dout, check_finite_array, ch
 
 __all__ = ["BlockMask", "BlockSparseAttention", "attention"]
 
-#: default query tile (rows) of a BlockMask
-QUERY_BLOCK = 128
-#: default key tile (columns) of a BlockMask
-KEY_BLOCK = 128
+#: tiles a BlockMask built with ``block_size=None`` chooses from: ``(b_q, b_k, cost)``, ``cost`` the
+#: measured time per computed (query, key) pair relative to the first (forward+backward, float32,
+#: D = 64, 2 threads): the mask takes the candidate with the least ``cost · computed pairs``
+#: (dense and wide windows: 128 x 128; BigBird's 64-blocks: 64 x 64)
+TILES = ((128, 128, 1.0), (128, 64, 1.0), (64, 64, 1.15))
 #: booleans (or pattern entries) handled at once while a layout is built
 BUILD_SCALARS = 1 << 23
 #: hold BLAS to one thread while the numba kernels (which call it from every thread) run
@@ -114,10 +118,16 @@ LIMIT_BLAS = True
 # ---------------------------------------------------------------------------------------------
 # the tile layout
 
+def _finest_tiles() -> tuple[int, int]:
+    """The tile that every candidate of ``TILES`` is a multiple of (the layout is built with it)."""
+    import math
+    return (math.gcd(*(int(t[0]) for t in TILES)), math.gcd(*(int(t[1]) for t in TILES)))
+
+
 def _block_size(block_size) -> tuple[int, int]:
-    """``(b_q, b_k)`` from None, an int or a pair, each >= 1."""
+    """``(b_q, b_k)`` from None (the finest of ``TILES``), an int or a pair, each >= 1."""
     if block_size is None:
-        return int(QUERY_BLOCK), int(KEY_BLOCK)
+        return _finest_tiles()
     if isinstance(block_size, (tuple, list)):
         if len(block_size) != 2:
             raise ValueError(f"block_size must be an int or a (query, key) pair, got {block_size!r}")
@@ -232,6 +242,19 @@ def _csr_blocks(csr: sp.csr_array, g: int, bq: int, bk: int) -> _Blocks:
     return _concat_blocks(parts, bq, bk)
 
 
+def _chosen(block_size, bm: "BlockMask") -> "BlockMask":
+    """``bm`` itself when ``block_size`` was given; else coarsened to the best of ``TILES``."""
+    if block_size is not None:
+        return bm
+    best, best_cost = None, None
+    for bq, bk, cost in TILES:
+        fq, fk = bq // bm._bq, bk // bm._bk
+        weighted = bm._coarse_pairs(fq, fk) * float(cost)
+        if best is None or weighted < best_cost:
+            best, best_cost = (fq, fk), weighted
+    return bm._coarsen(*best)
+
+
 def _canonical_csr(pattern, n: int, m: int, name: str):
     """``pattern`` as a canonical boolean CSR: used as it is (no copy) when it already is one
     (the builders of :mod:`~efficient_attention.patterns` return such; copying a 2**20-token
@@ -279,7 +302,7 @@ class BlockMask:
     >>> import efficient_attention as ea
     >>> bm = ea.BlockMask.from_mask_mod(lambda b, h, q, kv: abs(q - kv) <= 64, 4096)
     >>> bm.shape, bm.block_size, round(bm.density, 3)
-    ((4096, 4096), (128, 128), 0.092)
+    ((4096, 4096), (64, 64), 0.046)
     """
 
     def __init__(self, shape, block_size, indptr, cols, tile, tiles):
@@ -338,7 +361,7 @@ class BlockMask:
             csrs = [_canonical_csr(pattern, n, m, "pattern")]
             lead = ()
         blocks = _concat_blocks([_csr_blocks(c, g, bq, bk) for g, c in enumerate(csrs)], bq, bk)
-        return cls._from_blocks(lead, n, m, bq, bk, blocks)
+        return _chosen(block_size, cls._from_blocks(lead, n, m, bq, bk, blocks))
 
     @classmethod
     def from_dense(cls, mask, block_size=None) -> "BlockMask":
@@ -354,7 +377,7 @@ class BlockMask:
         step = max(1, int(BUILD_SCALARS) // max(1, flat.shape[0] * m * bq)) * bq
         parts = [_dense_strip_blocks(flat[:, r0:r0 + step], r0 // bq, n, m, bq, bk)
                  for r0 in range(0, n, step)]
-        return cls._from_blocks(tuple(lead), n, m, bq, bk, _concat_blocks(parts, bq, bk))
+        return _chosen(block_size, cls._from_blocks(tuple(lead), n, m, bq, bk, _concat_blocks(parts, bq, bk)))
 
     @classmethod
     def from_mask_mod(cls, mask_mod, n: int, m: int | None = None, *, batch: int | None = None,
@@ -405,7 +428,7 @@ class BlockMask:
                                  f"q_idx {q_idx.shape}, kv_idx {kv_idx.shape}; got shape {res.shape}")
             strip = np.broadcast_to(res, target).reshape((g_count,) + target[-2:])
             parts.append(_dense_strip_blocks(strip, r0 // bq, n, m, bq, bk))
-        return cls._from_blocks(lead, n, m, bq, bk, _concat_blocks(parts, bq, bk))
+        return _chosen(block_size, cls._from_blocks(lead, n, m, bq, bk, _concat_blocks(parts, bq, bk)))
 
     @classmethod
     def causal(cls, n: int, m: int | None = None, block_size=None) -> "BlockMask":
@@ -431,7 +454,7 @@ class BlockMask:
         tile = np.full(i.shape, -1, np.int64)
         tile[part] = inverse
         blocks = _Blocks(np.zeros(int(keep.sum()), np.int64), i[keep], j[keep], tile[keep], tiles)
-        return cls._from_blocks((), n, m, bq, bk, blocks)
+        return _chosen(block_size, cls._from_blocks((), n, m, bq, bk, blocks))
 
     # -- description --------------------------------------------------------------------------
     @property
@@ -512,6 +535,68 @@ class BlockMask:
             np.cumsum(np.bincount(trow, minlength=g_count * nkb), out=tindptr[1:])
             self._transposed = (tindptr, blk.i[order].astype(np.int64), blk.tile[order].astype(np.int64))
         return self._transposed
+
+    # -- tile size --------------------------------------------------------------------------------
+    def _coarse_keys(self, fq: int, fk: int):
+        """Blocks of the coarser layout with tiles ``(fq·b_q, fk·b_k)``: ``(keys, inverse)``."""
+        g_count, nqb, nkb = self._grid
+        n, m = self._shape[-2:]
+        nqb2, nkb2 = _n_tiles(n, self._bq * fq), _n_tiles(m, self._bk * fk)
+        blk = self._blocks()
+        key = (blk.g * nqb2 + blk.i // fq) * nkb2 + blk.j // fk
+        keys, inverse = np.unique(key, return_inverse=True)
+        return keys, inverse.reshape(-1), nqb2, nkb2
+
+    def _coarse_pairs(self, fq: int, fk: int) -> int:
+        """(query, key) pairs that the coarser layout ``(fq·b_q, fk·b_k)`` computes."""
+        keys, _, nqb2, nkb2 = self._coarse_keys(fq, fk)
+        n, m = self._shape[-2:]
+        return int(_valid_counts(n, m, self._bq * fq, self._bk * fk, keys // nkb2 % nqb2, keys % nkb2).sum())
+
+    def _coarsen(self, fq: int, fk: int) -> "BlockMask":
+        """The same mask with tiles ``(fq·b_q, fk·b_k)`` (exact: a coarse tile is computed iff one of
+        its sub-tiles is, full iff all its sub-tiles inside the matrix are full)."""
+        if (fq, fk) == (1, 1):
+            return self
+        g_count, nqb, nkb = self._grid
+        n, m = self._shape[-2:]
+        bq, bk = self._bq, self._bk
+        keys, inverse, nqb2, nkb2 = self._coarse_keys(fq, fk)
+        blk = self._blocks()
+        g2, i2, j2 = keys // (nqb2 * nkb2), keys // nkb2 % nqb2, keys % nkb2
+        # the tile of every sub-position: -2 absent, -1 full (or outside the matrix), else its index
+        sig = np.full((keys.size, fq * fk), -2, np.int64)
+        sig[inverse, (blk.i % fq) * fk + blk.j % fk] = blk.tile
+        sub_i = i2[:, None] * fq + np.arange(fq * fk)[None, :] // fk
+        sub_j = j2[:, None] * fk + np.arange(fq * fk)[None, :] % fk
+        sig[(sub_i >= nqb) | (sub_j >= nkb)] = -1
+        full = np.all(sig == -1, axis=1)
+        tile = np.full(keys.size, -1, np.int64)
+        part = np.flatnonzero(~full)
+        edge = np.stack([i2[part] == nqb2 - 1, j2[part] == nkb2 - 1], 1).astype(np.int64)
+        combos, which = np.unique(np.concatenate([sig[part], edge], 1), axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        tiles = np.zeros((combos.shape[0], bq * fq, bk * fk), bool)
+        first = np.zeros(combos.shape[0], np.int64)
+        first[which] = part                                              # a coarse block of each combo
+        for c in range(combos.shape[0]):
+            e = first[c]
+            for s_ in range(fq * fk):
+                a, b = s_ // fk, s_ % fk
+                t = combos[c, s_]
+                rows = slice(a * bq, (a + 1) * bq)
+                cols = slice(b * bk, (b + 1) * bk)
+                if t >= 0:
+                    tiles[c, rows, cols] = self._tiles[t]
+                elif t == -1:
+                    r_in = min(bq, n - (i2[e] * fq + a) * bq)
+                    c_in = min(bk, m - (j2[e] * fk + b) * bk)
+                    if r_in > 0 and c_in > 0:
+                        tiles[c, a * bq:a * bq + r_in, b * bk:b * bk + c_in] = True
+        tiles, inv = _unique_tiles(tiles)
+        tile[part] = inv[which]
+        blocks = _Blocks(g2, i2, j2, tile, tiles)
+        return BlockMask._from_blocks(self._lead, n, m, bq * fq, bk * fk, blocks)
 
     # -- conversions ----------------------------------------------------------------------------
     def to_dense(self) -> np.ndarray:
@@ -653,7 +738,7 @@ class BlockMask:
         j = np.tile(np.arange(nkb, dtype=np.int64), nqb)
         blocks = _Blocks(np.zeros(i.size, np.int64), i, j, np.full(i.size, -1, np.int64),
                          np.zeros((0, bq, bk), bool))
-        return cls._from_blocks((), n, m, bq, bk, blocks)
+        return _chosen(block_size, cls._from_blocks((), n, m, bq, bk, blocks))
 
     @property
     def nnz(self) -> int:

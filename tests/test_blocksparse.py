@@ -523,3 +523,26 @@ def test_same_bits_with_one_and_two_threads(heads):
         numba.set_num_threads(before)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_coarsened_layout_equals_direct_build():
+    pats = dict(P.examples(100))
+    pats["bigbird16"] = P.bigbird(256, 16, 2, 1)
+    for name, pat in pats.items():
+        for fine in [(8, 8), (5, 7)]:
+            bm = BlockMask.from_pattern(pat, fine)
+            for fq, fk in [(1, 2), (2, 2), (3, 1)]:
+                coarse = bm._coarsen(fq, fk)
+                direct = BlockMask.from_pattern(pat, (fine[0] * fq, fine[1] * fk))
+                for a in ("_indptr", "_cols", "_tile", "_tiles"):
+                    np.testing.assert_array_equal(getattr(coarse, a), getattr(direct, a), err_msg=name)
+                assert bm._coarse_pairs(fq, fk) == direct.computed_pairs()
+
+
+def test_default_tiles_are_chosen_per_mask():
+    assert BlockMask.full(1024).block_size == (128, 128)
+    assert BlockMask.causal(1024).block_size == (128, 128)
+    assert BlockMask.from_pattern(P.local(4096, 256)).block_size == (128, 128)
+    assert BlockMask.from_pattern(P.bigbird(4096, 64, 3, 2)).block_size == (64, 64)     # no wasted entry
+    np.testing.assert_array_equal(BlockMask.from_pattern(P.longformer(500, 30, [0, 250])).to_dense(),
+                                  P.longformer(500, 30, [0, 250]).toarray())

@@ -12,9 +12,10 @@ are contiguous with the leading axes flattened; ``slice_of[bh]`` is the mask sli
 
 **Products** go to BLAS through :func:`gemm` (``sgemm``/``dgemm`` of the SciPy BLAS that numba
 uses for ``np.dot``, called on tile views with their leading dimension: no copies, and ``beta = 1``
-accumulates in place). **Exponentials**: :func:`exp_shift_row` — the library's vectorised float32
-``exp`` (:func:`~efficient_attention.kernels.fastexp.exp32_shift_inplace`) or the float64
-:func:`~efficient_attention.kernels.fastexp.exp_inplace`.
+accumulates in place). **Exponentials**: :func:`exp_sum_row` — the library's vectorised float32
+``exp`` (:func:`~efficient_attention.kernels.fastexp.exp32`, inlined) or the float64
+:func:`~efficient_attention.kernels.fastexp.exp_inplace`. **Row maxima**: :func:`row_max`, an
+integer max over the floats' bit patterns (vectorised, where a float max reduction is not).
 
 Kernels:
 
@@ -40,10 +41,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .config import JIT, JIT_PARALLEL
-from .fastexp import exp32_shift_inplace, exp_inplace
+from .fastexp import exp32, exp_inplace
 
 __all__ = [
-    "gemm", "gemm_tile", "exp_shift_row",
+    "gemm", "gemm_tile", "row_max", "exp_sum_row",
     "blocksparse_forward", "blocksparse_forward_reference",
     "blocksparse_backward", "blocksparse_backward_dq", "blocksparse_backward_dkdv",
     "blocksparse_backward_reference",
@@ -139,27 +140,76 @@ def gemm_tile(a, b, c, alpha, beta, trans_a, trans_b):
 
 
 # ---------------------------------------------------------------------------------------------
-# elementwise rows
+# elementwise rows of a score tile (row-major, rows of ``ck`` used columns)
+#
+# Each helper is a plain NumPy function (what the kernels' Python form runs) with an overload
+# that numba compiles per dtype: float32 inlines the library's vectorised exp
+# (``fastexp.exp32``), float64 runs ``fastexp.exp_inplace`` on the row.
 
-def exp_shift_row(row, shift, work):
-    """``row <- exp(row - shift)`` for a 1-D float array (``work``: float64 scratch at least as long,
-    used by the float64 path). Plain NumPy here; compiled: the library's vectorised exp."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        row[...] = np.exp(row - shift)
+def row_max(s, a, ck):
+    """``max(s[a, :ck])`` (``-inf`` when every entry is ``-inf``)."""
+    return s[a, :ck].max()
 
 
-@overload(exp_shift_row, jit_options=dict(JIT))
-def _exp_shift_row_overload(row, shift, work):
-    if row.dtype == types.float32:
-        def impl32(row, shift, work):
-            exp32_shift_inplace(row, shift)
+@overload(row_max, jit_options=dict(JIT))
+def _row_max_overload(s, a, ck):
+    # float max reductions do not vectorise without the 'nnan' fastmath flag (which the library
+    # never sets); the bit patterns of IEEE floats, with the magnitude bits flipped for negative
+    # numbers, order like the floats, and integer max reductions vectorise
+    if s.dtype == types.float32:
+        def impl32(s, a, ck):
+            bits = s.view(np.int32)
+            m = np.int32(-2147483648)
+            for c in range(ck):
+                b = bits[a, c]
+                m = max(m, b ^ ((b >> 31) & np.int32(0x7fffffff)))
+            key = np.empty(1, np.int32)
+            key[0] = m ^ ((m >> 31) & np.int32(0x7fffffff))
+            return key.view(np.float32)[0]
         return impl32
 
-    def impl64(row, shift, work):
-        n = row.shape[0]
-        for e in range(n):
-            row[e] = row[e] - shift
-        exp_inplace(row, work, n)
+    def impl64(s, a, ck):
+        bits = s.view(np.int64)
+        m = np.int64(-9223372036854775807 - 1)
+        for c in range(ck):
+            b = bits[a, c]
+            m = max(m, b ^ ((b >> 63) & np.int64(0x7fffffffffffffff)))
+        key = np.empty(1, np.int64)
+        key[0] = m ^ ((m >> 63) & np.int64(0x7fffffffffffffff))
+        return key.view(np.float64)[0]
+    return impl64
+
+
+def exp_sum_row(s, a, ck, shift, work):
+    """``s[a, :ck] <- exp(s[a, :ck] - shift)`` and return the row sum (``work``: float64
+    scratch of at least ``ck`` entries, for the float64 path)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s[a, :ck] = np.exp(s[a, :ck] - shift)
+    return s[a, :ck].sum()
+
+
+@overload(exp_sum_row, jit_options=dict(JIT))
+def _exp_sum_row_overload(s, a, ck, shift, work):
+    if s.dtype == types.float32:
+        def impl32(s, a, ck, shift, work):
+            sh = np.float32(shift)
+            total = np.float32(0.0)
+            for c in range(ck):
+                e = exp32(s[a, c] - sh)
+                s[a, c] = e
+                total += e
+            return total
+        return impl32
+
+    def impl64(s, a, ck, shift, work):
+        row = s[a]
+        for c in range(ck):
+            row[c] = row[c] - shift
+        exp_inplace(row, work, ck)
+        total = 0.0
+        for c in range(ck):
+            total += row[c]
+        return total
     return impl64
 
 
@@ -178,8 +228,7 @@ def _mask_tile(s, rq, ck, tiles, tid):
         return
     for a in range(rq):
         for c in range(ck):
-            if not tiles[tid, a, c]:
-                s[a, c] = -np.inf
+            s[a, c] = s[a, c] if tiles[tid, a, c] else -np.inf
 
 
 @njit(**JIT)
@@ -191,7 +240,7 @@ def _probs(s, rq, ck, lse, bh, i0, work):
             for c in range(ck):
                 s[a, c] = 0.0
         else:
-            exp_shift_row(s[a, :ck], ell, work)
+            exp_sum_row(s, a, ck, ell, work)
 
 
 @njit(**JIT)
@@ -234,17 +283,12 @@ def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq,
             _mask_tile(s, rq, ck, tiles, tile[e])
             for a in range(rq):
                 m_old = m_run[a]
-                m_new = m_old
-                for c in range(ck):
-                    m_new = max(m_new, s[a, c])
+                m_new = max(m_old, row_max(s, a, ck))              # m' = max(m, rowmax S)
                 if m_new == -np.inf:                               # no allowed key yet
                     for c in range(ck):
                         s[a, c] = 0.0
                     continue
-                exp_shift_row(s[a, :ck], m_new, work)              # P = e^(S - m')
-                total = 0.0
-                for c in range(ck):
-                    total += s[a, c]
+                total = exp_sum_row(s, a, ck, m_new, work)         # P = e^(S - m'), rowsum P
                 if m_old != m_new:
                     alpha = np.exp(m_old - m_new)                  # e^(m - m'), 0 on the first key
                     l_run[a] = alpha * l_run[a] + total
