@@ -85,6 +85,14 @@ Settings (module level, read at call time; measured on the 2-core benchmark mach
 ``LIMIT_BLAS``
     hold BLAS to one thread while the kernels run (they call it from every numba thread; the
     previous setting is restored after the call).
+``PAIR_COST``
+    the cost of an allowed pair on the row-CSR path of
+    :class:`~efficient_attention.SparseAttention`, relative to a computed pair of a tile. Thin
+    partial tiles — the column of a global token crossing a tile, a few random keys — are
+    cheaper pair by pair: they are split off the layout and computed by the row-CSR kernels,
+    and the two parts merged with their log-sum-exps (:math:`\ell = \log(e^{\ell_1} +
+    e^{\ell_2})`, :math:`O = e^{\ell_1-\ell} O_1 + e^{\ell_2-\ell} O_2`; the backward of each
+    part uses the merged :math:`\ell` and :math:`\delta`, so their gradients simply add).
 
 References: Dao et al. 2022, FlashAttention, arXiv:2205.14135; Dao 2023, FlashAttention-2,
 arXiv:2307.08691; He et al. 2024, FlexAttention, arXiv:2412.05496.
@@ -99,6 +107,7 @@ import scipy.sparse as sp
 
 from .core import AttentionCore, Cost, Grads
 from .kernels import blocksparse as _k
+from .kernels import sparse as _ksparse
 from .validate import (check_bool, check_csr, check_dout, check_finite_array, check_qkv, check_scale,
                        resolve_scale)
 
@@ -113,6 +122,10 @@ TILES = ((128, 128, 1.0), (128, 64, 1.0), (64, 64, 1.15))
 BUILD_SCALARS = 1 << 23
 #: hold BLAS to one thread while the numba kernels (which call it from every thread) run
 LIMIT_BLAS = True
+#: time per allowed pair on the row-CSR path (:mod:`efficient_attention.kernels.sparse`) relative to
+#: a computed pair of a tile: a partial tile with ``nnz · PAIR_COST < cost · area`` ("thin": a
+#: global token's column, a random key) is computed pair by pair instead (``inf``: never)
+PAIR_COST = 6.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +262,9 @@ def _chosen(block_size, bm: "BlockMask") -> "BlockMask":
     best, best_cost = None, None
     for bq, bk, cost in TILES:
         fq, fk = bq // bm._bq, bk // bm._bk
-        weighted = bm._coarse_pairs(fq, fk) * float(cost)
+        area, nnz = bm._coarse_pairs(fq, fk, per_block=True)
+        # a tile costs cost·area, or nnz·PAIR_COST when it is cheaper pair by pair (thin)
+        weighted = float(np.minimum(area * float(cost), nnz * float(PAIR_COST)).sum())
         if best is None or weighted < best_cost:
             best, best_cost = (fq, fk), weighted
     return bm._coarsen(*best)
@@ -547,11 +562,42 @@ class BlockMask:
         keys, inverse = np.unique(key, return_inverse=True)
         return keys, inverse.reshape(-1), nqb2, nkb2
 
-    def _coarse_pairs(self, fq: int, fk: int) -> int:
-        """(query, key) pairs that the coarser layout ``(fq·b_q, fk·b_k)`` computes."""
-        keys, _, nqb2, nkb2 = self._coarse_keys(fq, fk)
+    def _coarse_pairs(self, fq: int, fk: int, per_block: bool = False):
+        """(query, key) pairs that the coarser layout ``(fq·b_q, fk·b_k)`` computes; with
+        ``per_block`` the computed and the allowed pairs of each of its blocks."""
+        keys, inverse, nqb2, nkb2 = self._coarse_keys(fq, fk)
         n, m = self._shape[-2:]
-        return int(_valid_counts(n, m, self._bq * fq, self._bk * fk, keys // nkb2 % nqb2, keys % nkb2).sum())
+        area = _valid_counts(n, m, self._bq * fq, self._bk * fk, keys // nkb2 % nqb2, keys % nkb2)
+        if not per_block:
+            return int(area.sum())
+        return area, np.bincount(inverse, weights=self._block_nnz(), minlength=keys.size)
+
+    def _block_nnz(self) -> np.ndarray:
+        """Allowed pairs of each block."""
+        blk = self._blocks()
+        n, m = self._shape[-2:]
+        out = _valid_counts(n, m, self._bq, self._bk, blk.i, blk.j)
+        part = blk.tile >= 0
+        if part.any():
+            per_tile = self._tiles.reshape(self._tiles.shape[0], -1).sum(axis=1)
+            out[part] = per_tile[blk.tile[part]]
+        return out
+
+    def _select(self, keep: np.ndarray) -> "BlockMask":
+        """The mask made of the blocks where ``keep`` (one bool per block) holds."""
+        blk = self._blocks()
+        n, m = self._shape[-2:]
+        return BlockMask._from_blocks(self._lead, n, m, self._bq, self._bk,
+                                      _Blocks(blk.g[keep], blk.i[keep], blk.j[keep], blk.tile[keep], blk.tiles))
+
+    def _split_thin(self, tile_cost: float = 1.0):
+        """``(tiles, thin)``: the blocks worth a tile, and the thin partial ones (``nnz ·
+        PAIR_COST < tile_cost · area``) to be computed pair by pair."""
+        blk = self._blocks()
+        n, m = self._shape[-2:]
+        area = _valid_counts(n, m, self._bq, self._bk, blk.i, blk.j)
+        thin = (blk.tile >= 0) & (self._block_nnz() * float(PAIR_COST) < area * float(tile_cost))
+        return self._select(~thin), self._select(thin)
 
     def _coarsen(self, fq: int, fk: int) -> "BlockMask":
         """The same mask with tiles ``(fq·b_q, fk·b_k)`` (exact: a coarse tile is computed iff one of
@@ -810,20 +856,65 @@ def _fused(bh: int, threads: int) -> bool:
     return bh >= threads and (bh % threads == 0 or bh >= FUSED_MIN_SLICES_PER_THREAD * threads)
 
 
+class _Plan(NamedTuple):
+    """How a mask is computed: its tile blocks, and the thin blocks' pairs (or None)."""
+    mask: BlockMask                  # the whole mask
+    tiles: BlockMask                 # the blocks computed as tiles
+    pairs: tuple | None              # (indptr (G, N+1), indices, tptr (G, M+1), tind) of the thin pairs
+
+
+def _tile_cost(bm: BlockMask) -> float:
+    return next((float(c) for q_, k_, c in TILES if (q_, k_) == bm.block_size), 1.0)
+
+
+def _plan(bm: BlockMask) -> _Plan:
+    """Split the thin blocks off ``bm`` (see ``PAIR_COST``) and index their pairs as CSR."""
+    tiles, thin = bm._split_thin(_tile_cost(bm))
+    if thin.n_blocks == 0:
+        return _Plan(bm, bm, None)
+    pats = thin.to_pattern()
+    if len(bm.shape) == 3:
+        csrs = pats
+    elif len(bm.shape) == 4:
+        csrs = [p for row in pats for p in row]
+    else:
+        csrs = [pats]
+    offsets = np.cumsum([0] + [c.nnz for c in csrs])
+    indptr = np.stack([c.indptr.astype(np.int64) + o for c, o in zip(csrs, offsets)])
+    indices = np.concatenate([c.indices for c in csrs]).astype(np.int64)
+    trans = [sp.csr_array(c.T) for c in csrs]                            # key-major: the queries of each key
+    for t in trans:
+        t.sort_indices()
+    tptr = np.stack([t.indptr.astype(np.int64) + o for t, o in zip(trans, offsets)])
+    tind = np.concatenate([t.indices for t in trans]).astype(np.int64)
+    return _Plan(bm, tiles, (indptr, indices, tptr, tind))
+
+
+def _pairs_for(pairs, slice_of: np.ndarray):
+    """The pair index with one row per slice of ``q`` when the mask's slices are not ``bh % G``
+    (the row-CSR kernels take the pattern of slice ``bh`` as ``bh % G``)."""
+    indptr, indices, tptr, tind = pairs
+    g = indptr.shape[0]
+    if np.array_equal(slice_of, np.arange(slice_of.size) % g):
+        return pairs
+    return indptr[slice_of], indices, tptr[slice_of], tind
+
+
 class _BlockSparseCache(NamedTuple):
     q: np.ndarray          # (BH, N, D) contiguous
     k: np.ndarray          # (BH, M, D)
     v: np.ndarray          # (BH, M, Dv)
     out: np.ndarray        # (BH, N, Dv)
     lse: np.ndarray        # (BH, N)   per-row log-sum-exp, -inf for rows with no key
-    mask: BlockMask
+    plan: _Plan
     slice_of: np.ndarray   # (BH,) mask slice of each slice
     shapes: tuple          # shapes of q, k, v
     scale: float
 
 
-def _forward(q, k, v, bm: BlockMask, scale: float):
+def _forward(q, k, v, plan: _Plan, scale: float):
     shapes = (q.shape, k.shape, v.shape)
+    bm = plan.tiles
     slice_of = _slice_map(bm.shape[:-2], q.shape[:-2])
     q3, k3, v3 = (np.ascontiguousarray(a.reshape((-1,) + a.shape[-2:])) for a in (q, k, v))
     out = np.empty(q3.shape[:2] + (v3.shape[2],), q3.dtype)                  # O   (BH, N, Dv)
@@ -832,12 +923,24 @@ def _forward(q, k, v, bm: BlockMask, scale: float):
     with _blas_single_thread():
         _k.blocksparse_forward(q3, k3, v3, scale, slice_of, bm._indptr, bm._cols, bm._tile, bm._tiles,
                                bq, bk, out, lse)
+    if plan.pairs is not None:                                              # thin blocks, pair by pair
+        indptr, indices, _, _ = _pairs_for(plan.pairs, slice_of)
+        out_p, lse_p = np.empty_like(out), np.empty_like(lse)
+        _ksparse.sparse_attention_forward(q3, k3, v3, indptr, indices, scale, out_p, lse_p)
+        with np.errstate(invalid="ignore", over="ignore"):
+            merged = np.logaddexp(lse, lse_p)                               # ℓ = log(e^ℓ1 + e^ℓ2)
+            seen = np.isfinite(merged)
+            w_t = np.where(seen, np.exp(np.where(seen, lse - merged, 0)), 0).astype(out.dtype)
+            w_p = np.where(seen, np.exp(np.where(seen, lse_p - merged, 0)), 0).astype(out.dtype)
+        out = w_t[..., None] * out + w_p[..., None] * out_p                 # O = e^(ℓ1-ℓ) O1 + e^(ℓ2-ℓ) O2
+        lse = merged.astype(lse.dtype, copy=False)
     return (out.reshape(q.shape[:-1] + (v.shape[-1],)),
-            _BlockSparseCache(q3, k3, v3, out, lse, bm, slice_of, shapes, scale))
+            _BlockSparseCache(q3, k3, v3, out, lse, plan, slice_of, shapes, scale))
 
 
 def _backward(cache: _BlockSparseCache, dout, fused: bool | None = None):
-    q, k, v, out, lse, bm, slice_of, shapes, scale = cache
+    q, k, v, out, lse, plan, slice_of, shapes, scale = cache
+    bm = plan.tiles
     dout3 = np.ascontiguousarray(dout.reshape(out.shape))
     delta = np.einsum("bnd,bnd->bn", dout3, out)                            # δ_i = dO_i · O_i  (BH, N)
     dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
@@ -853,6 +956,14 @@ def _backward(cache: _BlockSparseCache, dout, fused: bool | None = None):
                                        bm._tile, bm._tiles, bq, bk, dq)
             _k.blocksparse_backward_dkdv(q, k, v, dout3, lse, delta, scale, slice_of, tindptr, trows, ttile,
                                          bm._tiles, bq, bk, dk, dv)
+    if plan.pairs is not None:                     # the thin pairs: same ℓ and δ, gradients add up
+        indptr, indices, tptr, tind = _pairs_for(plan.pairs, slice_of)
+        dq_p, dk_p, dv_p = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        _ksparse.sparse_attention_backward_dq(q, k, v, dout3, lse, delta, indptr, indices, scale, dq_p)
+        _ksparse.sparse_attention_backward_dkdv(q, k, v, dout3, lse, delta, tptr, tind, scale, dk_p, dv_p)
+        dq += dq_p
+        dk += dk_p
+        dv += dv_p
     return dq.reshape(shapes[0]), dk.reshape(shapes[1]), dv.reshape(shapes[2])
 
 
@@ -936,15 +1047,26 @@ class BlockSparseAttention(AttentionCore):
                         raise ValueError(f"the mask has (N, M) = {bm.shape[-2:]} but q, k give (N, M) = ({n}, {m})")
                 if self.causal:
                     bm = bm & _causal_like(bm)
-            if len(self._layouts) > 8:
+            if len(self._layouts) > 16:
                 self._layouts.clear()
             self._layouts[key] = bm
         return self._layouts[key]
 
+    def plan(self, n: int, m: int | None = None, lead: tuple = ()):
+        """``(mask, tiles, pairs)``: the layout of :meth:`block_mask`, the part of it computed as
+        tiles, and the CSR index of the thin blocks computed pair by pair (None when there are
+        none; see ``PAIR_COST``)."""
+        m = n if m is None else m
+        bm = self.block_mask(n, m, lead)
+        key = ("plan", id(bm))
+        if key not in self._layouts:
+            self._layouts[key] = _plan(bm)
+        return self._layouts[key]
+
     def forward(self, q, k, v, *, check_finite: bool = True):
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
-        bm = self.block_mask(q.shape[-2], k.shape[-2], q.shape[:-2])
-        return _forward(q, k, v, bm, resolve_scale(self.scale, q.shape[-1]))
+        plan = self.plan(q.shape[-2], k.shape[-2], q.shape[:-2])
+        return _forward(q, k, v, plan, resolve_scale(self.scale, q.shape[-1]))
 
     def backward(self, cache: _BlockSparseCache, dout, *, check_finite: bool = True) -> Grads:
         dout = check_dout(dout, cache.shapes[0][:-1] + (cache.shapes[2][-1],), cache.q.dtype)

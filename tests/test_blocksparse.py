@@ -17,6 +17,14 @@ from efficient_attention.testing import assert_attention_close
 FEW = settings(max_examples=25, deadline=None)
 
 
+@pytest.fixture(params=["thin pairs split off", "tiles only"])
+def pair_cost(request, monkeypatch):
+    """Run a test with the thin blocks computed pair by pair (the default) and as tiles."""
+    if request.param == "tiles only":
+        monkeypatch.setattr(B, "PAIR_COST", float("inf"))
+    return request.param
+
+
 def _causal(n, m):
     return np.arange(m)[None, :] <= np.arange(n)[:, None]
 
@@ -261,7 +269,7 @@ def test_dense_and_causal(dtype, n, m, causal):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("block_size", [4, (16, 8), (5, 11)])
-def test_random_csr_with_empty_rows(dtype, block_size):
+def test_random_csr_with_empty_rows(dtype, block_size, pair_cost):
     n, m = 61, 45
     pat = P.random(n, 6, 2, m=m)
     keep = np.zeros(n, bool)
@@ -276,7 +284,7 @@ def test_random_csr_with_empty_rows(dtype, block_size):
 
 @pytest.mark.parametrize("name", sorted(P.examples(8)))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_every_builder_against_oracle(name, dtype):
+def test_every_builder_against_oracle(name, dtype, pair_cost):
     pat = P.examples(48)[name]
     q, k, v = _qkv((2,), 48, 48, seed=3)
     for bs in (8, (16, 4)):
@@ -289,7 +297,7 @@ def test_every_builder_against_oracle(name, dtype):
                                                     (_window_per_head, None, 3), (_per_batch_doc, 2, None),
                                                     (_window_per_head, 2, 3)])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_mask_mods_against_oracle(mask_mod, batch, heads, dtype):
+def test_mask_mods_against_oracle(mask_mod, batch, heads, dtype, pair_cost):
     n = 50
     q, k, v = _qkv((2, 3), n, n, seed=4)
     dense = _dense_of(mask_mod, n, n, batch, heads)
@@ -304,7 +312,7 @@ def test_mask_mods_against_oracle(mask_mod, batch, heads, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_and_or_masks_against_oracle(dtype):
+def test_and_or_masks_against_oracle(dtype, pair_cost):
     n = 70
     a = BlockMask.from_pattern(P.local(n, 5), 8)
     b = BlockMask.from_mask_mod(_window_per_head, n, heads=3, block_size=8)
@@ -315,7 +323,7 @@ def test_and_or_masks_against_oracle(dtype):
         _compare(BlockSparseAttention(mask), q, k, v, mask.to_dense(), dtype=dtype)
 
 
-def test_per_head_pattern_list_and_broadcasting():
+def test_per_head_pattern_list_and_broadcasting(pair_cost):
     pats = [P.local(40, 3), P.strided(40, 5), P.global_tokens(40, [0, 7])]
     dense = np.stack([p.toarray() for p in pats])
     q, k, v = _qkv((2, 3), 40, 40, seed=6)
@@ -326,7 +334,7 @@ def test_per_head_pattern_list_and_broadcasting():
         BlockSparseAttention(pats)(q[0, 0], k[0, 0], v[0, 0])
 
 
-def test_fully_masked_rows_no_nan_no_warning():
+def test_fully_masked_rows_no_nan_no_warning(pair_cost):
     n = 33
     mask = np.zeros((n, n), bool)
     mask[5:, :3] = True
@@ -343,7 +351,7 @@ def test_fully_masked_rows_no_nan_no_warning():
     assert not g.dq.any() and not g.dk.any() and not g.dv.any()
 
 
-def test_gradcheck():
+def test_gradcheck(pair_cost):
     q, k, v = _qkv((2,), 21, 17, d=4, dv=3, seed=8)
     pat = P.random(21, 4, 0, m=17)
     for core in (BlockSparseAttention(BlockMask.from_pattern(pat, (4, 8))),
@@ -505,7 +513,7 @@ def test_build_kernels_match_references():
 # --------------------------------------------------------------------------- threads
 
 @pytest.mark.parametrize("heads", [1, 2, 8])
-def test_same_bits_with_one_and_two_threads(heads):
+def test_same_bits_with_one_and_two_threads(heads, pair_cost):
     n = 300
     mask = BlockMask.from_pattern(P.longformer(n, 20, [0, 5]), (32, 64))
     rng = np.random.default_rng(12)
@@ -546,3 +554,19 @@ def test_default_tiles_are_chosen_per_mask():
     assert BlockMask.from_pattern(P.bigbird(4096, 64, 3, 2)).block_size == (64, 64)     # no wasted entry
     np.testing.assert_array_equal(BlockMask.from_pattern(P.longformer(500, 30, [0, 250])).to_dense(),
                                   P.longformer(500, 30, [0, 250]).toarray())
+
+
+def test_thin_blocks_go_pair_by_pair():
+    n = 600
+    pat = P.longformer(n, 40, [0, 300])
+    core = BlockSparseAttention(BlockMask.from_pattern(pat, 64))
+    mask, tiles, pairs = core.plan(n)
+    assert pairs is not None and tiles.n_blocks < mask.n_blocks
+    thin = pairs[0][0, -1]                                        # pairs split off
+    assert 0 < thin < 4 * n
+    np.testing.assert_array_equal(tiles.to_dense() | sp.csr_array((np.ones(pairs[1].size, bool), pairs[1],
+                                                                   pairs[0][0]), shape=(n, n)).toarray(),
+                                  pat.toarray())
+    assert not (tiles.to_dense() & sp.csr_array((np.ones(pairs[1].size, bool), pairs[1], pairs[0][0]),
+                                                shape=(n, n)).toarray()).any()     # disjoint parts
+    assert core.plan(n) is core.plan(n)                           # kept
