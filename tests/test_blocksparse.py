@@ -570,3 +570,26 @@ def test_thin_blocks_go_pair_by_pair():
     assert not (tiles.to_dense() & sp.csr_array((np.ones(pairs[1].size, bool), pairs[1], pairs[0][0]),
                                                 shape=(n, n)).toarray()).any()     # disjoint parts
     assert core.plan(n) is core.plan(n)                           # kept
+
+
+# --------------------------------------------------------------------------- wiring
+
+def test_sparse_attention_picks_the_engine_when_tiles_are_dense():
+    from efficient_attention import sparse
+    n = 256
+    for pat, engine in [(P.longformer(n, 40, [0]), True), (P.bigbird(n, 64, 1, 1), True),
+                        (P.local(n, 20, causal=True), True), (P.random(n, 8, 0), False)]:
+        core = ea.SparseAttention(pat)
+        assert core.engine == engine
+        q, k, v = _qkv((2,), n, n, seed=13)
+        _compare(core, q, k, v, pat.toarray())
+    per_head = ea.SparseAttention([P.local(n, 20), P.bigbird(n, 32, 1, 1)])
+    assert per_head.engine
+    q, k, v = _qkv((3, 2), n, n, seed=14)
+    _compare(per_head, q, k, v, np.stack([P.local(n, 20).toarray(), P.bigbird(n, 32, 1, 1).toarray()]))
+    old = sparse.ENGINE_MIN_TILED
+    try:
+        sparse.ENGINE_MIN_TILED = 2.0                               # never: the row-CSR kernels
+        assert not ea.SparseAttention(P.longformer(n, 40, [0])).engine
+    finally:
+        sparse.ENGINE_MIN_TILED = old
