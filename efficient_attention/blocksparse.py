@@ -111,7 +111,7 @@ from .kernels import sparse as _ksparse
 from .validate import (check_bool, check_csr, check_dout, check_finite_array, check_qkv, check_scale,
                        resolve_scale)
 
-__all__ = ["BlockMask", "BlockSparseAttention", "attention"]
+__all__ = ["BlockMask", "BlockSparseAttention", "attention", "per_head_mask_mod"]
 
 #: tiles a BlockMask built with ``block_size=None`` chooses from: ``(b_q, b_k, cost)``, ``cost`` the
 #: measured time per computed (query, key) pair relative to the first (forward+backward, float32,
@@ -1123,3 +1123,75 @@ def attention(q, k, v, mask=None, causal: bool = False, scale: float | None = No
     """
     core = BlockSparseAttention(mask, causal=causal, scale=scale)
     return core.forward(q, k, v, check_finite=check_finite)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# registry: the engine beside the chapter's other cores, on the same masks
+
+def _engine_bigbird_block(n: int) -> int:
+    """The largest of 64, 32, ..., 1 dividing ``n`` that leaves at least 8 blocks."""
+    return next((b for b in (64, 32, 16, 8, 4, 2) if n % b == 0 and n // b >= 8), 1)
+
+
+def _engine_longformer(n, d, dv, seed):
+    from . import patterns
+    return BlockSparseAttention(patterns.longformer(n, max(1, min(256, n // 8)), [0]))
+
+
+def _engine_bigbird(n, d, dv, seed):
+    from . import patterns
+    b = _engine_bigbird_block(n)
+    return BlockSparseAttention(patterns.bigbird(n, b, min(3, n // b), 1, seed=seed))
+
+
+def _engine_global(n, d, dv, seed):
+    from . import patterns
+    return BlockSparseAttention(patterns.global_tokens(n, (0, n // 2)))
+
+
+def _engine_random(n, d, dv, seed):
+    from . import patterns
+    return BlockSparseAttention(patterns.random(n, max(1, min(64, n // 4)), seed))
+
+
+def per_head_mask_mod(window: int, dilation: int = 2, block: int = 64):
+    """A FlexAttention-style ``mask_mod`` whose pattern depends on the head, cycling the chapter's
+    kinds by ``h % 4``: 0 local (``|i-j| <= window``), 1 dilated (``(i-j) % dilation == 0`` and
+    ``|i-j| <= window·dilation``), 2 global token 0 (``i == 0`` or ``j == 0``), 3 blocks
+    (``i // block == j // block``)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = q_idx - kv_idx
+        kind = np.asarray(h) % 4
+        local = np.abs(diff) <= window
+        dilated = (diff % dilation == 0) & (np.abs(diff) <= window * dilation)
+        glob = (q_idx == 0) | (kv_idx == 0)
+        blocks = (q_idx // block) == (kv_idx // block)
+        return np.where(kind == 0, local, np.where(kind == 1, dilated, np.where(kind == 2, glob, blocks)))
+    mask_mod.__name__ = f"per_head_mask_mod(window={window}, dilation={dilation}, block={block})"
+    return mask_mod
+
+
+def _engine_per_head(n, d, dv, seed):
+    return BlockSparseAttention(per_head_mask_mod(max(1, min(128, n // 8)), 2, max(1, min(64, n // 4))))
+
+
+def _register():
+    from .core import register
+    register("engine_dense", BlockSparseAttention, chapter=1,
+             description="block-sparse engine, every key (FlashAttention-2 tiles; compare with 'dense')")
+    register("engine_causal", BlockSparseAttention, chapter=1, config={"causal": True},
+             description="block-sparse engine, causal (compare with 'dense_causal')")
+    register("engine_longformer", BlockSparseAttention, chapter=1, factory=_engine_longformer,
+             description="block-sparse engine on the 'longformer' pattern (window min(256, N/8) + token 0)")
+    register("engine_bigbird", BlockSparseAttention, chapter=1, factory=_engine_bigbird,
+             description="block-sparse engine on the 'bigbird' pattern (blocks of 64, 3 random, 1 global)")
+    register("engine_global", BlockSparseAttention, chapter=1, factory=_engine_global,
+             description="block-sparse engine on the 'global' pattern (tokens 0 and N/2)")
+    register("engine_random", BlockSparseAttention, chapter=1, factory=_engine_random,
+             description="block-sparse engine on the 'sparse_random' pattern (min(64, N/4) keys per query)")
+    register("engine_per_head", BlockSparseAttention, chapter=1, factory=_engine_per_head, exact=False,
+             description="block-sparse engine, one call for per-head masks (local / dilated / global / "
+                         "blocks by head) from a mask_mod; its own per-head oracle")
+
+
+_register()
