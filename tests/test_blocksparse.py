@@ -593,3 +593,26 @@ def test_sparse_attention_picks_the_engine_when_tiles_are_dense():
         assert not ea.SparseAttention(P.longformer(n, 40, [0])).engine
     finally:
         sparse.ENGINE_MIN_TILED = old
+
+
+def test_multihead_pattern_heads_run_as_one_engine_call():
+    n, d = 64, 16
+    cores = [ea.SparseAttention(P.random(n, 5, h)) for h in range(3)] + [ea.LocalAttention(3),
+                                                                         ea.SparseAttention(P.local(n, 4))]
+    layer = ea.MultiHeadAttention.init(n=n, d=d, seed=0, heads=5, dk=4, cores=cores)
+    assert layer.pattern_group is not None and layer.pattern_group[0] == (0, 1, 2, 4)
+    loop = ea.MultiHeadAttention(cores, layer.w_q, layer.w_k, layer.w_v, layer.w_o)
+    loop.pattern_group = None                                       # one call per head
+    x = np.random.default_rng(15).standard_normal((2, n, d))
+    y, cache = layer.forward(x)
+    y_loop, cache_loop = loop.forward(x)
+    assert_attention_close(y, y_loop, np.float64)
+    dy = np.random.default_rng(16).standard_normal(y.shape)
+    g, g_loop = layer.backward(cache, dy), loop.backward(cache_loop, dy)
+    assert_attention_close(g.dx, g_loop.dx, np.float64, kind="grad")
+    for name in g.params:
+        assert_attention_close(g.params[name], g_loop.params[name], np.float64, kind="grad", err_msg=name)
+    assert ea.gradcheck(layer, (x[:1],)) < 1e-6
+    assert ea.MultiHeadAttention.init(n=n, d=d, seed=0, heads=2, dk=4,
+                                      cores=[ea.SparseAttention(P.local(n, 4)),
+                                             ea.SparseAttention(P.local(n, 4), scale=0.3)]).pattern_group is None
