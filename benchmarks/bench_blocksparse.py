@@ -13,7 +13,7 @@ Targets (float32, d = 64, 8 heads; medians of interleaved rounds, ratios paired 
 Every table gives the fraction of the machine's float32 GEMM peak reached on useful FLOPs
 (``core.cost``: the allowed pairs of the mask, not the masked entries of partial tiles).
 
-PyTorch (``pip install 'efficient_attention[bench]'``) is imported by this script only, never by
+PyTorch (``pip install 'efficient_attention[bench]'``, e.g. ``torch==2.13.0``) is imported by this script only, never by
 the library; without it the peer columns say so. Each round calls every contender once, in
 order, so a shared machine's drift hits all alike; a ratio is the median over rounds of the
 two times of one round (``bench.median_ratio``).
@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
-    p.add_argument("--quick", action="store_true", help="N = 2048 / 4096 / 16384 and 3 rounds, to try the script")
+    p.add_argument("--quick", action="store_true",
+                   help="N = 1024 / 2048 / 8192 and 2 rounds, to try the script (targets are not judged there)")
     p.add_argument("--native-blas", action="store_true",
                    help="re-run this script without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (OpenBLAS then "
                         "picks its kernel for this CPU)")
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.quick:
-        args.n_dense, args.n_sparse, args.n_memory, args.rounds = 2048, 4096, 16384, 3
+        args.n_dense, args.n_sparse, args.n_memory, args.rounds = 1024, 2048, 8192, 2
     sections = args.only or SECTIONS
     torch = None if args.no_torch else _torch()
     peak = bench.gemm_peak()
