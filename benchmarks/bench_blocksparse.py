@@ -248,7 +248,10 @@ def main(argv=None) -> int:
     print(bench.machine_header(with_peak=True))
     print(f"- float32, d = {args.d}, {args.heads} heads; medians of {args.rounds} interleaved rounds after one "
           "warm-up round; ratios are medians of per-round ratios")
-    print(f"- PyTorch: {'not installed' if torch is None and not args.no_torch else 'left out' if torch is None else torch.__version__ + ', ' + str(torch.get_num_threads()) + ' threads'}")
+    if torch is None:
+        print(f"- PyTorch: {'left out (--no-torch)' if args.no_torch else 'not installed'}")
+    else:
+        print(f"- PyTorch: {torch.__version__}, {torch.get_num_threads()} threads")
     print("- the benchmark machine is shared with other users: expect noise of tens of per cent between runs\n")
     out = {}
     if "dense" in sections:

@@ -270,6 +270,16 @@ def _chosen(block_size, bm: "BlockMask") -> "BlockMask":
     return bm._coarsen(*best)
 
 
+def _lookup(sorted_keys: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``values`` at the position of each of ``keys`` in ``sorted_keys`` (unique), -2 where absent."""
+    out = np.full(keys.shape, -2, np.int64)
+    if sorted_keys.size:
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+        hit = sorted_keys[pos] == keys
+        out[hit] = values[pos[hit]]
+    return out
+
+
 def _canonical_csr(pattern, n: int, m: int, name: str):
     """``pattern`` as a canonical boolean CSR: used as it is (no copy) when it already is one
     (the builders of :mod:`~efficient_attention.patterns` return such; copying a 2**20-token
@@ -429,7 +439,7 @@ class BlockMask:
             q_idx = np.arange(r0, min(n, r0 + step), dtype=np.int64)[:, None]
             target = lead + (q_idx.shape[0], m)
             res = mask_mod(b, h, q_idx, kv_idx)
-            res = np.asarray(res) if not isinstance(res, (bool, np.bool_)) else np.asarray(res)
+            res = np.asarray(res)
             if res.dtype != np.bool_:
                 raise TypeError(f"mask_mod must return a boolean array (True = may attend), got dtype "
                                 f"{res.dtype} (compare, e.g. 'q_idx >= kv_idx', rather than returning numbers)")
@@ -727,14 +737,8 @@ class BlockMask:
         kb = (b.g * nqb + b.i) * nkb + b.j
         keys = np.union1d(ka, kb) if op == "|" else np.intersect1d(ka, kb)
         # tile of each side: -1 full, -2 absent, else the side's tile index
-        ta = np.full(keys.shape, -2, np.int64)
-        tb = np.full(keys.shape, -2, np.int64)
-        pa = np.searchsorted(ka, keys) if ka.size else np.zeros(keys.shape, np.int64)
-        hit = (pa < ka.size) & (ka[np.minimum(pa, max(ka.size - 1, 0))] == keys) if ka.size else pa < 0
-        ta[hit] = a.tile[pa[hit]]
-        pb = np.searchsorted(kb, keys) if kb.size else np.zeros(keys.shape, np.int64)
-        hit = (pb < kb.size) & (kb[np.minimum(pb, max(kb.size - 1, 0))] == keys) if kb.size else pb < 0
-        tb[hit] = b.tile[pb[hit]]
+        ta = _lookup(ka, a.tile, keys)
+        tb = _lookup(kb, b.tile, keys)
         n_a = a.tiles.shape[0]
         tiles = np.concatenate([a.tiles, b.tiles])                        # b's tiles shifted by n_a
         tile = np.full(keys.shape, -1, np.int64)

@@ -61,8 +61,9 @@ __all__ = ["SparseAttention", "GlobalAttention"]
 #: SparseAttention runs on the block-sparse engine (:mod:`efficient_attention.blocksparse`) when at
 #: least this fraction of its pattern's pairs fall in tiles that the engine computes as tiles
 #: (the rest it computes pair by pair, as this module's kernels do); below it the row-CSR kernels
-#: run alone. Measured: a window or BigBird's blocks run 3-4x faster on the engine (forward+backward, N = 4096, 8 heads); a random
-#: pattern (a few keys per tile) is all thin pairs, and the engine would add nothing.
+#: run alone. Measured: a window or BigBird's blocks run 3-4x faster on the engine
+#: (forward+backward, N = 4096, 8 heads); a random pattern (a few keys per tile) is all thin
+#: pairs, and the engine would add nothing.
 ENGINE_MIN_TILED = 0.5
 
 
