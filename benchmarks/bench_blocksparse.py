@@ -11,7 +11,9 @@ Targets (float32, d = 64, 8 heads; medians of interleaved rounds, ratios paired 
    (an N x N float32 matrix alone would be 16 GiB).
 
 Every table gives the fraction of the machine's float32 GEMM peak reached on useful FLOPs
-(``core.cost``: the allowed pairs of the mask, not the masked entries of partial tiles).
+(``core.cost``: the allowed pairs of the mask, not the masked entries of partial tiles): against
+the peak read once at the start (``bench.gemm_peak``, a subprocess without the OpenBLAS
+overrides) and against a 2048² GEMM timed in every round of this process (paired per round).
 
 PyTorch (``pip install 'efficient_attention[bench]'``, e.g. ``torch==2.13.0``) is imported by this script only, never by
 the library; without it the peer columns say so. Each round calls every contender once, in
@@ -71,6 +73,25 @@ def _gflops(flops, seconds):
     return flops / seconds / 1e9
 
 
+_GEMM_N = 2048
+_GEMM_AB = []
+
+
+def _gemm():
+    """A float32 2048² matmul, timed in every round beside the contenders: the fraction of the GEMM
+    peak is also taken against it, paired per round (the peak read once at the start can catch a
+    slow or a fast moment of a shared machine)."""
+    if not _GEMM_AB:
+        rng = np.random.default_rng(0)
+        _GEMM_AB.extend(rng.standard_normal((2, _GEMM_N, _GEMM_N)).astype(np.float32))
+    _GEMM_AB[0] @ _GEMM_AB[1]
+
+
+def _gemm_fraction(flops, times, gemm_times):
+    """Median over rounds of (useful GFLOP/s) / (GEMM GFLOP/s of the same round), in per cent."""
+    return 100 * statistics.median((flops / t) / (2 * _GEMM_N ** 3 / g) for t, g in zip(times, gemm_times))
+
+
 def _verdict(value, limit):
     return "met" if value <= limit else "NOT met"
 
@@ -82,7 +103,7 @@ def dense_section(n, heads, d, rounds, peak, torch):
     for causal in (False, True):
         core = ea.BlockSparseAttention(causal=causal)
         fwd, fwd_bwd = _engine_calls(core, q, k, v, dout)
-        fns = {"engine fwd": fwd, "engine fwd+bwd": fwd_bwd}
+        fns = {"engine fwd": fwd, "engine fwd+bwd": fwd_bwd, "gemm": _gemm}
         if torch is not None:
             tq, tk, tv, tdo = (torch.from_numpy(a)[None] for a in (q, k, v, dout))
             sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -102,7 +123,8 @@ def dense_section(n, heads, d, rounds, peak, torch):
                "engine fwd ms": 1e3 * statistics.median(times["engine fwd"]),
                "engine fwd+bwd ms": 1e3 * statistics.median(times["engine fwd+bwd"]),
                "engine % GEMM peak (fwd+bwd)": 100 * _gflops(fb_cost, statistics.median(times["engine fwd+bwd"]))
-               / peak["float32"]}
+               / peak["float32"],
+               "engine % GEMM in rounds": _gemm_fraction(fb_cost, times["engine fwd+bwd"], times["gemm"])}
         if torch is not None:
             ratio = bench.median_ratio(times["engine fwd+bwd"], times["sdpa fwd+bwd"])
             row.update({"sdpa fwd ms": 1e3 * statistics.median(times["sdpa fwd"]),
@@ -154,7 +176,7 @@ def sparse_section(n, heads, d, rounds, peak, torch):
         build = time.perf_counter() - t0
         core = ea.BlockSparseAttention(mask)
         fwd, fwd_bwd = _engine_calls(core, q, k, v, dout)
-        fns = {"engine fwd": fwd, "engine fwd+bwd": fwd_bwd, "local fwd+bwd": l_fwd_bwd}
+        fns = {"engine fwd": fwd, "engine fwd+bwd": fwd_bwd, "local fwd+bwd": l_fwd_bwd, "gemm": _gemm}
         if flex is not None:
             compiled, create = flex
             bm = create(mod(torch), B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu")
@@ -180,6 +202,7 @@ def sparse_section(n, heads, d, rounds, peak, torch):
                "engine fwd+bwd ms": 1e3 * statistics.median(times["engine fwd+bwd"]),
                "engine % GEMM peak (fwd+bwd)": 100 * _gflops(fb_cost, statistics.median(times["engine fwd+bwd"]))
                / peak["float32"],
+               "engine % GEMM in rounds": _gemm_fraction(fb_cost, times["engine fwd+bwd"], times["gemm"]),
                "LocalAttention fwd+bwd ms": 1e3 * statistics.median(times["local fwd+bwd"]),
                "per-key fwd+bwd vs LocalAttention (target <= 1.3)": per_key_ratio,
                "per-key target": _verdict(per_key_ratio, 1.3)}
