@@ -93,6 +93,9 @@ Settings (module level, read at call time; measured on the 2-core benchmark mach
     and the two parts merged with their log-sum-exps (:math:`\ell = \log(e^{\ell_1} +
     e^{\ell_2})`, :math:`O = e^{\ell_1-\ell} O_1 + e^{\ell_2-\ell} O_2`; the backward of each
     part uses the merged :math:`\ell` and :math:`\delta`, so their gradients simply add).
+``FUSED_MIN_SLICES_PER_THREAD``
+    when the backward gives each thread whole (batch, head) slices (one pass over their tiles)
+    rather than splitting the work into a query-tile pass and a key-tile pass.
 
 References: Dao et al. 2022, FlashAttention, arXiv:2205.14135; Dao 2023, FlashAttention-2,
 arXiv:2307.08691; He et al. 2024, FlexAttention, arXiv:2412.05496.
@@ -126,6 +129,10 @@ LIMIT_BLAS = True
 #: a computed pair of a tile: a partial tile with ``nnz · PAIR_COST < cost · area`` ("thin": a
 #: global token's column, a random key) is computed pair by pair instead (``inf``: never)
 PAIR_COST = 6.0
+#: the backward walks whole (batch, head) slices per thread (one pass) when their number is a
+#: multiple of the thread count or at least this many per thread; else a query-tile pass and a
+#: key-tile pass (same bits either way)
+FUSED_MIN_SLICES_PER_THREAD = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,11 +856,6 @@ class _blas_single_thread:
 def _threads() -> int:
     import numba
     return int(numba.get_num_threads())
-
-
-#: the backward runs one pass per slice when there are at least this many slices per thread
-#: (or a multiple of the thread count), else a query-tile pass and a key-tile pass
-FUSED_MIN_SLICES_PER_THREAD = 4
 
 
 def _fused(bh: int, threads: int) -> bool:
