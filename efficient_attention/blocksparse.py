@@ -313,18 +313,11 @@ class BlockMask:
     :meth:`from_mask_mod` (FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``), :meth:`from_dense`
     (a boolean array) or :meth:`causal`; combine with ``&`` and ``|``.
 
-    Attributes
-    ----------
-    shape : tuple
-        ``(N, M)``, ``(H, N, M)`` (one mask per head, axis -3 of ``q, k, v``) or
-        ``(B, H, N, M)`` (per batch entry and head, axes -4 and -3).
-    block_size : tuple
-        ``(b_q, b_k)``: query rows and key columns of a tile.
-    density : float
-        Fraction of the tiles that are computed (full or partial).
-
     Notes
     -----
+    ``shape`` is ``(N, M)``, ``(H, N, M)`` (one mask per head, axis -3 of ``q, k, v``) or
+    ``(B, H, N, M)`` (per batch entry and head, axes -4 and -3); ``block_size`` is ``(b_q, b_k)``,
+    the query rows and key columns of a tile; ``density`` the fraction of tiles computed.
     Identical partial tiles are stored once (a sliding window has two distinct ones), so the
     layout of a ``2**20``-token window pattern takes a few MB. A mask is used with
     :class:`BlockSparseAttention` (whose tiles are the mask's tiles) or :func:`attention`.
@@ -491,10 +484,12 @@ class BlockMask:
     # -- description --------------------------------------------------------------------------
     @property
     def shape(self) -> tuple:
+        """``(N, M)``, ``(H, N, M)`` or ``(B, H, N, M)``."""
         return self._shape
 
     @property
     def block_size(self) -> tuple:
+        """``(b_q, b_k)``: query rows and key columns of a tile."""
         return (self._bq, self._bk)
 
     @property
