@@ -29,6 +29,8 @@ from .sparse import GlobalAttention, SparseAttention  # noqa: E402
 __all__ += ["patterns", "SparseAttention", "GlobalAttention"]
 from .local import LocalAttention, StridedAttention  # noqa: E402
 __all__ += ["LocalAttention", "StridedAttention"]
+from .blocksparse import BlockMask, BlockSparseAttention, attention  # noqa: E402
+__all__ += ["BlockMask", "BlockSparseAttention", "attention"]
 
 # chapter 2: clustered patterns
 from .lsh import LSHAttention  # noqa: E402

@@ -12,36 +12,47 @@ takes effect at the next call::
 ``settings()`` lists them with their current values, ``DEFAULTS`` their defaults.
 Nothing here is changed by the library itself.
 
-========================== ======================================================
-setting                    what it controls
-========================== ======================================================
-THREADS                    worker threads of the banded cores (local, strided);
-                           None: ``os.cpu_count()``
-LIMIT_BLAS_THREADS         while several threads of the library call BLAS (the banded
-                           cores' workers, the LSH kernels' prange), BLAS is held to one
-                           thread (``threadpoolctl``) and restored afterwards; False
-                           leaves BLAS alone (then set BLAS's threads yourself)
-LOCAL_QUERY_BLOCK          queries per block of the banded cores
-LOCAL_KEY_BLOCK            longest key range soft-maxed in one piece (longer: online softmax)
-LOCAL_SCRATCH              scalars of score scratch per step of the banded cores
-LOCAL_MIN_SEGMENT          shortest query segment of a banded work item
-LOCAL_ROW_KERNELS          float32 banded blocks: elementwise row work in numba
-                           (False: the NumPy lines beside the kernels)
-FEATURE_ROW_BLOCK          rows per block of the Performer feature map
-FEATURE_ROW_KERNELS        float32 feature maps through the numba row kernels
-                           (False: the NumPy lines)
-LINEAR_NUMPY_BLOCK         tokens per block of the NumPy causal linear attention
-LINEAR_CHECKPOINT          tokens between the causal scan's saved states (the backward
-                           recomputes each chunk from its state)
-LINEAR_PARALLEL_MIN_WORK   smallest ``B·N·F·Dv`` for which the causal scan runs heads
-                           in parallel
-LOWRANK_BLOCK_ELEMENTS     scores per query block of Linformer / compressed attention
-LOWRANK_PROJ_BLOCK         key positions per block of the projections ``E K``, ``F V``
-SINKHORN_KERNEL_MIN_BLOCKS fewest sort blocks for which the Sinkhorn kernel is used
-SINKHORN_CHUNK             scalars per chunk of the Sinkhorn NumPy path
-LSH_HASH_BLOCK             scalars per block of the LSH hashing products
-PATTERN_CHUNK              entries per chunk when a pattern builder writes its indices
-========================== ======================================================
+=================================== ==============================================================
+setting                             what it controls
+=================================== ==============================================================
+THREADS                             worker threads of the banded cores (local, strided); None:
+                                    ``os.cpu_count()``
+LIMIT_BLAS_THREADS                  while several threads of the library call BLAS (the banded
+                                    cores' workers, the LSH kernels' prange), BLAS is held to one
+                                    thread (``threadpoolctl``) and restored afterwards; False
+                                    leaves BLAS alone (then set BLAS's threads yourself)
+LOCAL_QUERY_BLOCK                   queries per block of the banded cores
+LOCAL_KEY_BLOCK                     longest key range soft-maxed in one piece (longer: online
+                                    softmax)
+LOCAL_SCRATCH                       scalars of score scratch per step of the banded cores
+LOCAL_MIN_SEGMENT                   shortest query segment of a banded work item
+LOCAL_ROW_KERNELS                   float32 banded blocks: elementwise row work in numba (False:
+                                    the NumPy lines beside the kernels)
+FEATURE_ROW_BLOCK                   rows per block of the Performer feature map
+FEATURE_ROW_KERNELS                 float32 feature maps through the numba row kernels (False: the
+                                    NumPy lines)
+LINEAR_NUMPY_BLOCK                  tokens per block of the NumPy causal linear attention
+LINEAR_CHECKPOINT                   tokens between the causal scan's saved states (the backward
+                                    recomputes each chunk from its state)
+LINEAR_PARALLEL_MIN_WORK            smallest ``B·N·F·Dv`` for which the causal scan runs heads in
+                                    parallel
+LOWRANK_BLOCK_ELEMENTS              scores per query block of Linformer / compressed attention
+LOWRANK_PROJ_BLOCK                  key positions per block of the projections ``E K``, ``F V``
+SINKHORN_KERNEL_MIN_BLOCKS          fewest sort blocks for which the Sinkhorn kernel is used
+SINKHORN_CHUNK                      scalars per chunk of the Sinkhorn NumPy path
+LSH_HASH_BLOCK                      scalars per block of the LSH hashing products
+PATTERN_CHUNK                       entries per chunk when a pattern builder writes its indices
+ENGINE_TILES                        the tiles ``(b_q, b_k, cost)`` a block mask chooses from
+                                    (``cost``: measured time per computed pair, relative)
+ENGINE_BUILD_SCALARS                booleans (or pattern entries) handled at once while a block
+                                    mask is built
+ENGINE_PAIR_COST                    time per allowed pair on the row-CSR path relative to a
+                                    computed pair of a tile (thin partial tiles go pair by pair)
+ENGINE_FUSED_MIN_SLICES_PER_THREAD  (batch, head) slices per thread from which the engine's
+                                    backward runs one fused pass per slice
+ENGINE_MIN_TILED                    fraction of a pattern's pairs that must lie in tiles for
+                                    ``SparseAttention`` to run on the block-sparse engine
+=================================== ==============================================================
 
 **Compile-time constants.** The numba kernels also have a few sizes that are
 compiled into their machine code, and so are not settings: the row block of
@@ -133,6 +144,16 @@ DEFAULTS = {
     "SINKHORN_CHUNK": 1 << 22,
     "LSH_HASH_BLOCK": 1 << 21,
     "PATTERN_CHUNK": 1 << 24,
+    # the block-sparse engine (blocksparse.py has the measurements behind these)
+    "ENGINE_TILES": ((128, 128, 1.0), (128, 64, 1.0), (64, 64, 1.15)),
+    "ENGINE_BUILD_SCALARS": 1 << 23,
+    "ENGINE_PAIR_COST": 6.0,
+    "ENGINE_FUSED_MIN_SLICES_PER_THREAD": 4,
+    # SparseAttention runs on the engine when at least this fraction of its pattern's pairs fall
+    # in tiles the engine computes as tiles. Measured: a window or BigBird's blocks run 3-4x
+    # faster on the engine (forward+backward, N = 4096, 8 heads); a random pattern (a few keys
+    # per tile) is all thin pairs, and the engine would add nothing
+    "ENGINE_MIN_TILED": 0.5,
 }
 
 THREADS = DEFAULTS["THREADS"]
@@ -153,6 +174,11 @@ SINKHORN_KERNEL_MIN_BLOCKS = DEFAULTS["SINKHORN_KERNEL_MIN_BLOCKS"]
 SINKHORN_CHUNK = DEFAULTS["SINKHORN_CHUNK"]
 LSH_HASH_BLOCK = DEFAULTS["LSH_HASH_BLOCK"]
 PATTERN_CHUNK = DEFAULTS["PATTERN_CHUNK"]
+ENGINE_TILES = DEFAULTS["ENGINE_TILES"]
+ENGINE_BUILD_SCALARS = DEFAULTS["ENGINE_BUILD_SCALARS"]
+ENGINE_PAIR_COST = DEFAULTS["ENGINE_PAIR_COST"]
+ENGINE_FUSED_MIN_SLICES_PER_THREAD = DEFAULTS["ENGINE_FUSED_MIN_SLICES_PER_THREAD"]
+ENGINE_MIN_TILED = DEFAULTS["ENGINE_MIN_TILED"]
 
 
 def settings() -> dict:
@@ -171,6 +197,16 @@ def _set(name: str, value) -> None:
     elif name == "THREADS":
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"THREADS must be None or an integer >= 1, got {value!r}")
+    elif name == "ENGINE_TILES":
+        ok = isinstance(value, tuple) and len(value) > 0 and all(
+            isinstance(t, tuple) and len(t) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                        for x in t[:2]) and float(t[2]) > 0 for t in value)
+        if not ok:
+            raise ValueError(f"ENGINE_TILES must be a non-empty tuple of (b_q, b_k, cost) with b_q, b_k "
+                             f"integers >= 1 and cost > 0, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0 (inf allowed), got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     globals()[name] = value

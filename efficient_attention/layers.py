@@ -30,7 +30,10 @@ The three input projections run as one GEMM against the concatenated
 (D, H·(2Dk + Dv)) weight, and so does their backward. When every head has the
 same core (the same object, or parameter-free cores of one class and equal
 configuration) the heads are stacked on axis -3 and the core runs once;
-otherwise a loop calls each head's core on its slice.
+otherwise the heads whose cores are sparse patterns (``SparseAttention``, or
+``BlockSparseAttention`` with an ``(N, M)`` mask; two or more, of one scale)
+run as one call of the block-sparse engine with their patterns as a per-head
+mask (``pattern_group``), and a loop calls each other head's core on its slice.
 
 Cost: ``2·N·D·H·(2Dk + Dv) + 2·N·H·Dv·D`` FLOPs for the projections, plus the
 cores'. A core's learnable parameters appear in ``layer.params`` as
@@ -63,10 +66,11 @@ __all__ = ["MultiHeadAttention", "longformer_heads", "bigbird_heads"]
 class _MHACache(NamedTuple):
     x: np.ndarray             # (..., N, D) in the computation dtype
     o: np.ndarray             # (..., N, H·Dv)  head outputs, heads side by side
-    core_caches: tuple        # one cache (batched path) or one per head
+    core_caches: tuple        # one cache (batched path) or one per head (None for grouped heads)
     batched: bool
     y_shape: tuple
     dtype: np.dtype
+    group_cache: object = None   # the one engine call of the pattern heads (see _pattern_group)
 
 
 def _scalar_config(core) -> dict | None:
@@ -94,6 +98,34 @@ def _can_batch(cores) -> bool:
     cfg = _scalar_config(first)
     return cfg is not None and all(type(c) is type(first) and not c.params and _scalar_config(c) == cfg
                                    for c in cores)
+
+
+def _pattern_group(cores):
+    """``(heads, core)``: the heads whose cores are sparse patterns (``SparseAttention`` with one
+    pattern, ``BlockSparseAttention`` with one ``(N, M)`` BlockMask), all of one scale and shape,
+    and one :class:`~efficient_attention.blocksparse.BlockSparseAttention` with their patterns as a
+    per-head mask, which computes them in one call; None when fewer than two heads qualify."""
+    from .blocksparse import BlockMask, BlockSparseAttention
+    from .sparse import SparseAttention
+    heads, pats = [], []
+    for h, c in enumerate(cores):
+        if c.params:
+            continue
+        if isinstance(c, SparseAttention) and not c.per_head:
+            pat = c.pattern
+        elif isinstance(c, BlockSparseAttention) and isinstance(c.mask, BlockMask) and len(c.mask.shape) == 2:
+            pat = c.block_mask(*c.mask.shape).to_pattern()
+        else:
+            continue
+        heads.append(h)
+        pats.append(pat)
+    if len(heads) < 2:
+        return None
+    scales = {cores[h].scale for h in heads}
+    shapes = {p.shape for p in pats}
+    if len(scales) != 1 or len(shapes) != 1:
+        return None
+    return tuple(heads), BlockSparseAttention(BlockMask.from_pattern(pats), scale=scales.pop())
 
 
 def right_matmul(x, w):
@@ -190,6 +222,9 @@ class MultiHeadAttention(SequenceLayer):
         self.cores = cores
         self.w_q, self.w_k, self.w_v, self.w_o = w_q, w_k, w_v, w_o
         self.batched = _can_batch(cores)
+        #: ``(heads, core)``: heads with sparse patterns computed by one block-sparse engine call
+        #: (a per-head mask), or None
+        self.pattern_group = None if self.batched else _pattern_group(cores)
 
     # -- shapes -------------------------------------------------------------
     @property
@@ -277,23 +312,31 @@ class MultiHeadAttention(SequenceLayer):
             o, cache = self.cores[0].forward(q, k, v, check_finite=False)   # all heads (..., H, N, Dv)
             caches = (cache,)
         else:
-            outs, caches = [], []
+            outs, caches = [None] * self.heads, [None] * self.heads
+            group, group_cache = self.pattern_group, None
+            if group is not None:                                  # pattern heads: one engine call
+                idx = list(group[0])
+                o_g, group_cache = group[1].forward(q[..., idx, :, :], k[..., idx, :, :], v[..., idx, :, :],
+                                                    check_finite=False)
+                for pos, i in enumerate(idx):
+                    outs[i] = o_g[..., pos, :, :]                  # (..., N, Dv)
             for i, core in enumerate(self.cores):
-                o_i, c_i = core.forward(q[..., i, :, :], k[..., i, :, :], v[..., i, :, :],
-                                        check_finite=False)                 # (..., N, Dv)
-                outs.append(o_i)
-                caches.append(c_i)
+                if outs[i] is None:
+                    o_i, caches[i] = core.forward(q[..., i, :, :], k[..., i, :, :], v[..., i, :, :],
+                                                  check_finite=False)       # (..., N, Dv)
+                    outs[i] = o_i
             o = np.stack(outs, axis=-3)                            # (..., H, N, Dv)
             caches = tuple(caches)
         o = _merge_heads(o.astype(dtype, copy=False))              # (..., N, H·Dv)
         y = right_matmul(o, self.w_o.reshape(-1, self.d).astype(dtype, copy=False))   # Y = Σ_h O_h Wo_h  (..., N, D)
-        return y, _MHACache(x, o, caches, self.batched, y.shape, dtype)
+        return y, _MHACache(x, o, caches, self.batched, y.shape, dtype,
+                            None if self.batched else group_cache)
 
     @finite_policy
     def backward(self, cache: _MHACache, dy, *, check_finite: bool = True) -> LayerGrads:
         check_cache(cache, _MHACache, "MultiHeadAttention")
         dy = check_dout(dy, cache.y_shape, cache.dtype, name="dy", check_finite=check_finite)
-        x, o, caches, batched, _, dtype = cache
+        x, o, caches, batched, _, dtype, group_cache = cache
         d, h = self.d, self.heads
         w_o = self.w_o.reshape(-1, d).astype(dtype, copy=False)   # (H·Dv, D)
         x2, o2, dy2 = x.reshape(-1, d), o.reshape(-1, o.shape[-1]), dy.reshape(-1, d)
@@ -305,12 +348,19 @@ class MultiHeadAttention(SequenceLayer):
             dq, dk, dv = g.dq, g.dk, g.dv                          # (..., H, N, Dk|Dv)
             core_grads[id(self.cores[0])] = g.params
         else:
-            dqs, dks, dvs = [], [], []
+            dqs, dks, dvs = [None] * h, [None] * h, [None] * h
+            if group_cache is not None:                            # the pattern heads' one call
+                idx = list(self.pattern_group[0])
+                g = self.pattern_group[1].backward(group_cache, do[..., idx, :, :], check_finite=False)
+                for pos, i in enumerate(idx):
+                    dqs[i], dks[i], dvs[i] = g.dq[..., pos, :, :], g.dk[..., pos, :, :], g.dv[..., pos, :, :]
             for i, (core, c_i) in enumerate(zip(self.cores, caches)):
+                if dqs[i] is not None:
+                    continue
                 g = core.backward(c_i, do[..., i, :, :], check_finite=False)
-                dqs.append(g.dq)
-                dks.append(g.dk)
-                dvs.append(g.dv)
+                dqs[i] = g.dq
+                dks[i] = g.dk
+                dvs[i] = g.dv
                 acc = core_grads.setdefault(id(core), {})
                 for name, grad in g.params.items():          # a shared core sums over its heads
                     acc[name] = grad if name not in acc else acc[name] + grad

@@ -29,11 +29,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import patterns as P
+from .blocksparse import BlockMask
 from .lsh import LSHAttention
 from .routing import RoutingAttention
 from .validate import check_csr
 
-__all__ = ["COLORS", "plot_pattern", "plot_sort_matrix", "hand_designed_figures", "clustered_figures"]
+__all__ = ["COLORS", "plot_pattern", "plot_sort_matrix", "plot_tiles", "hand_designed_figures", "clustered_figures",
+           "engine_figures"]
 
 #: one colour per pattern (the lecture's: local, strided, global, random, ...)
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
@@ -299,3 +301,72 @@ def plot_sort_matrix(p, ax=None, partner=None, title=None):
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def plot_tiles(mask: BlockMask, ax=None, path=None, *, title=None, head: int = 0, max_size: int = 256):
+    """Draw the tile layout of a :class:`~efficient_attention.BlockMask` (slice ``head``) as the
+    engine computes it (:meth:`~efficient_attention.BlockMask.tile_map`): skipped tiles white,
+    full tiles blue, partial tiles orange, thin tiles computed pair by pair red, the allowed
+    entries dark on top. Returns the Axes; ``path`` saves the figure."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    n, m = mask.shape[-2:]
+    bq, bk = mask.block_size
+    kinds = mask.tile_map(head)                                        # (N/b_q, M/b_k)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    else:
+        fig = ax.figure
+    colors = ["white", "#2f6db5", "#f0a04b", "#d62728"]
+    ax.imshow(kinds, cmap=ListedColormap(colors), vmin=0, vmax=3, interpolation="nearest",
+              extent=(0, kinds.shape[1] * bk, kinds.shape[0] * bq, 0))
+    dense = mask.to_dense().reshape((-1, n, m))[head]                  # small masks only
+    fr, fc = max(1, -(-n // max_size)), max(1, -(-m // max_size))
+    img = np.zeros((-(-n // fr), -(-m // fc)), bool)
+    rows, cols = np.nonzero(dense)
+    img[rows // fr, cols // fc] = True
+    ax.imshow(np.ma.masked_where(~img, img), cmap=ListedColormap(["#1f2d3d"]), interpolation="nearest",
+              extent=(0, img.shape[1] * fc, img.shape[0] * fr, 0), alpha=0.45)
+    ax.set_xlim(0, m)
+    ax.set_ylim(n, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel(f"key j ({m}), tiles of {bk}", fontsize=8)
+    ax.set_ylabel(f"query i ({n}), tiles of {bq}", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9, pad=16)
+    ax.legend(handles=[Patch(color=c, label=lab) for c, lab in zip(colors[1:], ["full tile", "partial tile",
+                                                                             "thin: pair by pair"])],
+              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=6, frameon=False)
+    if path is not None:
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+    return ax
+
+
+def engine_figures(directory, n: int = 1024) -> list:
+    """Draw the tile pictures of chapter 1's section "one engine, many masks" into ``directory``
+    (``01_engine_tiles.png``: Longformer, BigBird and a causal document mask); returns the paths."""
+    plt = _pyplot()
+    os.makedirs(directory, exist_ok=True)
+    bounds = (np.array([0, 0.22, 0.30, 0.60, 0.65, 0.85, 1.0]) * n).astype(int)      # 6 documents
+    docs = np.repeat(np.arange(6), np.diff(bounds))
+
+    def document(b, h, q_idx, kv_idx):
+        return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx)
+    masks = [("Longformer: window 64, tokens 0 and N/2",
+              BlockMask.from_pattern(P.longformer(n, 64, [0, n // 2]))),
+             ("BigBird: blocks of 64, 2 random, 1 global",
+              BlockMask.from_pattern(P.bigbird(n, 64, 2, 1, seed=3))),
+             ("documents, causal (a mask_mod)", BlockMask.from_mask_mod(document, n))]
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 4.0))
+    for ax, (title, mask) in zip(axes, masks):
+        plot_tiles(mask, ax=ax, title=f"{title}\n{mask.block_size[0]}×{mask.block_size[1]} tiles, "
+                                      f"density {mask.density:.2f}")
+    fig.tight_layout()
+    path = os.path.join(directory, "01_engine_tiles.png")
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return [path]
+

@@ -50,6 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import patterns as _patterns
+from . import config
 from .core import AttentionCore, Cost, Grads
 from .dense import DenseAttention
 from .kernels import sparse as _k
@@ -57,6 +58,7 @@ from .validate import (as_float_array, check_cache, check_csr, check_dout, check
                        check_scale, resolve_scale, finite_policy)
 
 __all__ = ["SparseAttention", "GlobalAttention"]
+
 
 
 # --------------------------------------------------------------------------- sparse attention
@@ -90,6 +92,10 @@ class _SparseCache(NamedTuple):
     lse: np.ndarray       # (BH, N)
     shapes: tuple         # original shapes of q, k, v
     scale: float
+
+
+class _SparseEngineCache(NamedTuple):
+    engine: tuple         # the block-sparse engine's cache (patterns whose tiles it computes)
 
 
 def _forward(q, k, v, index: _PatternIndex, scale: float):
@@ -143,6 +149,15 @@ class SparseAttention(AttentionCore):
     per sequence and head, backward ``2·nnz·(4D + 3Dv)`` (scores and ``dO·v``
     are recomputed in the row pass and in the key pass).
 
+    **Two engines.** At construction the pattern's tile layout is built
+    (:class:`~efficient_attention.blocksparse.BlockMask`); when at least ``config.ENGINE_MIN_TILED``
+    (module setting, 0.5) of its pairs lie in tiles dense enough to be computed as tiles — a
+    window, Longformer, BigBird's blocks, dense or causal patterns — the core runs on the
+    block-sparse engine :class:`~efficient_attention.blocksparse.BlockSparseAttention` (BLAS on
+    tiles, thin tiles pair by pair; ``engine`` is True); otherwise — random keys, a few per
+    tile — on the row-CSR kernels of :mod:`efficient_attention.kernels.sparse`. Both compute
+    the same function (the tests compare each with the dense oracle).
+
     Examples
     --------
     >>> import numpy as np
@@ -170,6 +185,7 @@ class SparseAttention(AttentionCore):
         self.patterns = csrs
         self.n, self.m = csrs[0].shape
         self._index = _index(csrs)
+        self._engine = _engine_for(csrs if self.per_head else csrs[0], self.scale)
 
     @property
     def pattern(self):
@@ -190,10 +206,21 @@ class SparseAttention(AttentionCore):
         if self.per_head and (q.ndim < 3 or q.shape[-3] != len(self.patterns)):
             raise ValueError(f"q, k, v must have H = {len(self.patterns)} heads on axis -3 (one pattern per "
                              f"head), got q {q.shape}")
+        if self._engine is not None:
+            out, cache = self._engine.forward(q, k, v, check_finite=False)
+            return out, _SparseEngineCache(cache)
         return _forward(q, k, v, self._index, resolve_scale(self.scale, q.shape[-1]))
+
+    @property
+    def engine(self) -> bool:
+        """Whether this pattern runs on the block-sparse engine (see the class notes)."""
+        return self._engine is not None
 
     @finite_policy
     def backward(self, cache: _SparseCache, dout, *, check_finite: bool = True) -> Grads:
+        if self._engine is not None:
+            check_cache(cache, _SparseEngineCache, "SparseAttention")
+            return self._engine.backward(cache.engine, dout, check_finite=check_finite)
         check_cache(cache, _SparseCache, "SparseAttention")
         dout = check_dout(dout, cache.out.shape, cache.out.dtype, check_finite=check_finite)
         return Grads(*_backward(cache, dout, self._index), {})
@@ -211,10 +238,24 @@ class SparseAttention(AttentionCore):
         m = n if m is None else m
         if (n, m) != (self.n, self.m):
             raise ValueError(f"n, m must be the pattern's ({self.n}, {self.m}), got ({n}, {m})")
+        if self._engine is not None:
+            return self._engine.cost(n, d, dv, m, backward=backward)
         nnz = -(-sum(self._index.nnz) // len(self.patterns))                # per head (mean, rounded up)
         if backward:
             return Cost(2 * nnz * (4 * d + 3 * dv), 2 * n * d + 2 * m * (d + dv) + 2 * n)
         return Cost(2 * nnz * (d + dv), n * dv + n + _longest(self._index))
+
+
+def _engine_for(pattern, scale):
+    """A :class:`~efficient_attention.blocksparse.BlockSparseAttention` for ``pattern`` when enough of
+    its pairs lie in tiles (``config.ENGINE_MIN_TILED``), else None."""
+    from .blocksparse import BlockMask, BlockSparseAttention
+    if config.ENGINE_MIN_TILED > 1:
+        return None
+    core = BlockSparseAttention(BlockMask.from_pattern(pattern), scale=scale)
+    n, m = core.mask.shape[-2:]
+    mask, tiles, _ = core.plan(n, m)
+    return core if tiles.nnz >= config.ENGINE_MIN_TILED * max(1, mask.nnz) else None
 
 
 def _longest(index: _PatternIndex) -> int:

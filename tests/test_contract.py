@@ -6,11 +6,11 @@ import efficient_attention as ea
 
 CORES = ["DenseAttention", "SparseAttention", "LocalAttention", "StridedAttention", "GlobalAttention",
          "SinkhornAttention", "LSHAttention", "RoutingAttention", "LinformerAttention", "CompressedAttention", "LinearAttention",
-         "EfficientAttention"]
+         "EfficientAttention", "BlockSparseAttention"]
 LAYERS = ["MultiHeadAttention", "DenseSynthesizer", "RandomSynthesizer", "FactorizedRandomSynthesizer",
           "FourierMixer", "TokenMixingMLP", "SpatialGatingUnit"]
 OTHERS = ["Grads", "LayerGrads", "Cost", "EluFeatureMap", "PerformerFeatureMap", "RandomFourierFeatureMap",
-          "gradcheck", "patterns", "registry", "kmeans_update"]
+          "gradcheck", "patterns", "registry", "kmeans_update", "BlockMask", "attention"]
 
 
 @pytest.mark.parametrize("name", CORES + LAYERS + OTHERS)

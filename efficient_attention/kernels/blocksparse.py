@@ -1,0 +1,574 @@
+r"""Numba kernels of the block-sparse engine (:mod:`efficient_attention.blocksparse`), each beside
+a plain NumPy reference of the same computation (the tests compare them).
+
+**Layout arrays** (built and validated by :class:`~efficient_attention.blocksparse.BlockMask`;
+these kernels do not bounds-check). With ``nqb = ceil(N/bq)`` query tiles and ``nkb =
+ceil(M/bk)`` key tiles, row ``r = g·nqb + I`` of mask slice ``g`` lists the key tiles
+``cols[indptr[r]:indptr[r+1]]`` (sorted) of query tile ``I``; ``tile[e]`` is ``-1`` for a full
+tile, else the index of its boolean tile ``tiles[tile[e]]`` ``(bq, bk)``. The transposed layout
+(``tindptr`` over ``g·nkb + J``, ``trows`` the query tiles, ``ttile``) lists the same blocks key
+tile by key tile, query tiles ascending. ``q (BH, N, D)``, ``k (BH, M, D)``, ``v (BH, M, Dv)``
+are contiguous with the leading axes flattened; ``slice_of[bh]`` is the mask slice of ``bh``.
+
+**Products** go to BLAS through :func:`gemm` (``sgemm``/``dgemm`` of the SciPy BLAS that numba
+uses for ``np.dot``, called on tile views with their leading dimension: no copies, and ``beta = 1``
+accumulates in place). **Exponentials**: :func:`exp_sum_row` — the library's vectorised float32
+``exp`` (:func:`~efficient_attention.kernels.fastexp.exp32`, inlined) or the float64
+:func:`~efficient_attention.kernels.fastexp.exp_inplace`. **Row maxima**: :func:`row_max`, an
+integer max over the floats' bit patterns (vectorised, where a float max reduction is not).
+
+Kernels:
+
+* :func:`blocksparse_forward` — per (slice, query tile), in parallel: the online softmax over its
+  key tiles; writes ``out`` and the per-row log-sum-exp ``lse`` (``-inf`` for rows with no key).
+* :func:`blocksparse_backward` — per slice, in parallel: one pass over its tiles, ``dQ`` per
+  query tile, ``dK, dV`` accumulated per key tile (a slice belongs to one thread).
+* :func:`blocksparse_backward_dq` and :func:`blocksparse_backward_dkdv` — the same sums split
+  into a pass over query tiles and one over key tiles (transposed layout), in parallel over
+  (slice, tile): for fewer slices than threads. Every sum runs in the same order as in
+  :func:`blocksparse_backward` (over key tiles ascending for ``dQ``, query tiles ascending for
+  ``dK, dV``) with the same BLAS calls, so both give the same bits, whatever the thread count.
+* :func:`csr_tile_counts`, :func:`csr_fill_tiles`, :func:`dense_tile_counts` — building a
+  layout: allowed entries per tile of a CSR pattern or of a boolean strip, and the bits of the
+  partial tiles (one pass over the entries).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ..config import JIT, JIT_PARALLEL
+from .fastexp import exp32, exp_inplace
+
+__all__ = [
+    "gemm", "gemm_tile", "row_max", "exp_sum_row",
+    "blocksparse_forward", "blocksparse_forward_reference",
+    "blocksparse_backward", "blocksparse_backward_dq", "blocksparse_backward_dkdv",
+    "blocksparse_backward_reference",
+    "csr_tile_counts", "csr_tile_counts_reference",
+    "csr_fill_tiles", "csr_fill_tiles_reference",
+    "dense_tile_counts", "dense_tile_counts_reference",
+    "csr_is_canonical", "csr_is_canonical_reference",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# BLAS on tile views
+
+@intrinsic
+def _xxgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Column-major ``c = alpha op(a) op(b) + beta c`` through numba's ``numba_xxgemm`` (the
+    SciPy BLAS ``?gemm``); ``a``, ``b``, ``c`` are arrays whose data pointers are passed."""
+    from numba.np.linalg import ensure_blas, get_blas_kind
+    ensure_blas()
+    dtype = c.dtype
+    kind = get_blas_kind(dtype, "gemm")
+    sig = types.int32(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        ll_char = ir.IntType(8)
+        ll_void_p = ir.IntType(8).as_pointer()
+        intp_t = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(ir.IntType(32), [ll_char, ll_char, ll_char, intp_t, intp_t, intp_t,
+                                                ll_void_p, ll_void_p, intp_t, ll_void_p, intp_t,
+                                                ll_void_p, ll_void_p, intp_t])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        (ta, tb, m_, n_, k_, al, a_, lda_, b_, ldb_, be, c_, ldc_) = args
+        st = sig.args
+
+        def data(ty, val):
+            return builder.bitcast(context.make_array(ty)(context, builder, val).data, ll_void_p)
+
+        def as_intp(ty, val):
+            return context.cast(builder, val, ty, types.intp)
+
+        def slot(ty, val):
+            return builder.bitcast(cgutils.alloca_once_value(builder, context.cast(builder, val, ty, dtype)),
+                                   ll_void_p)
+
+        res = builder.call(fn, (
+            ir.Constant(ll_char, ord(kind)),
+            builder.trunc(as_intp(st[0], ta), ll_char), builder.trunc(as_intp(st[1], tb), ll_char),
+            as_intp(st[2], m_), as_intp(st[3], n_), as_intp(st[4], k_),
+            slot(st[5], al), data(st[6], a_), as_intp(st[7], lda_),
+            data(st[8], b_), as_intp(st[9], ldb_), slot(st[10], be),
+            data(st[11], c_), as_intp(st[12], ldc_)))
+        return res
+
+    return sig, codegen
+
+
+def gemm(a, b, c, alpha, beta, trans_a, trans_b):
+    """Row-major ``c = alpha · op(a) · op(b) + beta · c`` in place (``op(x) = xᵀ`` when
+    ``trans_x``), for 2-D views whose last axis has unit stride; ``beta = 0`` ignores ``c``'s
+    old contents. Plain NumPy here; in compiled kernels a BLAS call (see the overload)."""
+    pa = a.T if trans_a else a
+    pb = b.T if trans_b else b
+    prod = alpha * (pa @ pb) if pa.shape[1] else np.zeros(c.shape, c.dtype)
+    c[...] = prod if beta == 0 else prod + beta * c
+
+
+@overload(gemm, jit_options=dict(JIT))
+def _gemm_overload(a, b, c, alpha, beta, trans_a, trans_b):
+    def impl(a, b, c, alpha, beta, trans_a, trans_b):
+        m, n = c.shape
+        k = a.shape[0] if trans_a else a.shape[1]
+        if m == 0 or n == 0:
+            return
+        if k == 0:
+            for i in range(m):
+                for j in range(n):
+                    c[i, j] = 0.0 if beta == 0 else beta * c[i, j]
+            return
+        isz = c.itemsize
+        lda = max(a.strides[0] // isz, a.shape[1], 1)
+        ldb = max(b.strides[0] // isz, b.shape[1], 1)
+        ldc = max(c.strides[0] // isz, n, 1)
+        # row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ on the same memory
+        _xxgemm(116 if trans_b else 110, 116 if trans_a else 110, n, m, k, alpha,
+                b, ldb, a, lda, beta, c, ldc)
+    return impl
+
+
+@njit(**JIT)
+def gemm_tile(a, b, c, alpha, beta, trans_a, trans_b):
+    """:func:`gemm` compiled (the BLAS call), callable from Python (the tests compare it with NumPy)."""
+    gemm(a, b, c, alpha, beta, trans_a, trans_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise rows of a score tile (row-major, rows of ``ck`` used columns)
+#
+# Each helper is a plain NumPy function (what the kernels' Python form runs) with an overload
+# that numba compiles per dtype: float32 inlines the library's vectorised exp
+# (``fastexp.exp32``), float64 runs ``fastexp.exp_inplace`` on the row.
+
+def row_max(s, a, ck):
+    """``max(s[a, :ck])`` (``-inf`` when every entry is ``-inf``)."""
+    return s[a, :ck].max()
+
+
+@overload(row_max, jit_options=dict(JIT))
+def _row_max_overload(s, a, ck):
+    # float max reductions do not vectorise without the 'nnan' fastmath flag (which the library
+    # never sets); the bit patterns of IEEE floats, with the magnitude bits flipped for negative
+    # numbers, order like the floats, and integer max reductions vectorise
+    if s.dtype == types.float32:
+        def impl32(s, a, ck):
+            bits = s.view(np.int32)
+            m = np.int32(-2147483648)
+            for c in range(ck):
+                b = bits[a, c]
+                m = max(m, b ^ ((b >> 31) & np.int32(0x7fffffff)))
+            key = np.empty(1, np.int32)
+            key[0] = m ^ ((m >> 31) & np.int32(0x7fffffff))
+            return key.view(np.float32)[0]
+        return impl32
+
+    def impl64(s, a, ck):
+        bits = s.view(np.int64)
+        m = np.int64(-9223372036854775807 - 1)
+        for c in range(ck):
+            b = bits[a, c]
+            m = max(m, b ^ ((b >> 63) & np.int64(0x7fffffffffffffff)))
+        key = np.empty(1, np.int64)
+        key[0] = m ^ ((m >> 63) & np.int64(0x7fffffffffffffff))
+        return key.view(np.float64)[0]
+    return impl64
+
+
+def exp_sum_row(s, a, ck, shift, work):
+    """``s[a, :ck] <- exp(s[a, :ck] - shift)`` and return the row sum (``work``: float64
+    scratch of at least ``ck`` entries, for the float64 path)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s[a, :ck] = np.exp(s[a, :ck] - shift)
+    return s[a, :ck].sum()
+
+
+@overload(exp_sum_row, jit_options=dict(JIT))
+def _exp_sum_row_overload(s, a, ck, shift, work):
+    if s.dtype == types.float32:
+        def impl32(s, a, ck, shift, work):
+            sh = np.float32(shift)
+            total = np.float32(0.0)
+            for c in range(ck):
+                e = exp32(s[a, c] - sh)
+                s[a, c] = e
+                total += e
+            return total
+        return impl32
+
+    def impl64(s, a, ck, shift, work):
+        row = s[a]
+        for c in range(ck):
+            row[c] = row[c] - shift
+        exp_inplace(row, work, ck)
+        total = 0.0
+        for c in range(ck):
+            total += row[c]
+        return total
+    return impl64
+
+
+@njit(**JIT)
+def _scaled_rows(x, bh, i0, rq, scale, out):
+    """``out[:rq] = scale · x[bh, i0:i0+rq]``."""
+    for a in range(rq):
+        for c in range(x.shape[2]):
+            out[a, c] = scale * x[bh, i0 + a, c]
+
+
+@njit(**JIT)
+def _mask_tile(s, rq, ck, tiles, tid):
+    """``s[a, c] = -inf`` where the partial tile ``tiles[tid]`` is False."""
+    if tid < 0:
+        return
+    for a in range(rq):
+        for c in range(ck):
+            s[a, c] = s[a, c] if tiles[tid, a, c] else -np.inf
+
+
+@njit(**JIT)
+def _probs(s, rq, ck, lse, bh, i0, work):
+    """``s <- exp(s - lse_i)`` row by row (rows with ``lse = -inf`` become 0)."""
+    for a in range(rq):
+        ell = lse[bh, i0 + a]
+        if ell == -np.inf:
+            for c in range(ck):
+                s[a, c] = 0.0
+        else:
+            exp_sum_row(s, a, ck, ell, work)
+
+
+@njit(**JIT)
+def _dsoftmax(p, dp, rq, ck, delta, bh, i0):
+    """``dp <- p ⊙ (dp - δ_i)``."""
+    for a in range(rq):
+        d = delta[bh, i0 + a]
+        for c in range(ck):
+            dp[a, c] = p[a, c] * (dp[a, c] - d)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+@njit(**JIT_PARALLEL)
+def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq, bk, out, lse):
+    """``out (BH, N, Dv)`` and ``lse (BH, N)`` of softmax attention over the tile layout."""
+    BH, N, D = q.shape
+    M = k.shape[1]
+    Dv = v.shape[2]
+    nqb = (N + bq - 1) // bq
+    for t in prange(BH * nqb):
+        bh = t // nqb
+        ti = t % nqb
+        r = slice_of[bh] * nqb + ti
+        i0 = ti * bq
+        rq = min(bq, N - i0)
+        qs = np.empty((rq, D), q.dtype)
+        _scaled_rows(q, bh, i0, rq, scale, qs)                    # s Q_I
+        acc = np.zeros((rq, Dv), q.dtype)                          # unnormalised O
+        m_run = np.full(rq, -np.inf, q.dtype)
+        l_run = np.zeros(rq, q.dtype)
+        s = np.empty((rq, bk), q.dtype)
+        work = np.empty(bk, np.float64)
+        for e in range(indptr[r], indptr[r + 1]):
+            j0 = cols[e] * bk
+            ck = min(bk, M - j0)
+            sv = s[:, :ck]
+            gemm(qs, k[bh, j0:j0 + ck], sv, 1.0, 0.0, False, True)   # S = s Q_I K_Jᵀ
+            _mask_tile(s, rq, ck, tiles, tile[e])
+            for a in range(rq):
+                m_old = m_run[a]
+                m_new = max(m_old, row_max(s, a, ck))              # m' = max(m, rowmax S)
+                if m_new == -np.inf:                               # no allowed key yet
+                    for c in range(ck):
+                        s[a, c] = 0.0
+                    continue
+                total = exp_sum_row(s, a, ck, m_new, work)         # P = e^(S - m'), rowsum P
+                if m_old != m_new:
+                    alpha = np.exp(m_old - m_new)                  # e^(m - m'), 0 on the first key
+                    l_run[a] = alpha * l_run[a] + total
+                    for c in range(Dv):
+                        acc[a, c] *= alpha
+                    m_run[a] = m_new
+                else:
+                    l_run[a] += total
+            gemm(sv, v[bh, j0:j0 + ck], acc, 1.0, 1.0, False, False)  # Õ += P V_J
+        for a in range(rq):
+            if l_run[a] > 0:
+                inv = 1.0 / l_run[a]
+                for c in range(Dv):
+                    out[bh, i0 + a, c] = acc[a, c] * inv
+                lse[bh, i0 + a] = m_run[a] + np.log(l_run[a])
+            else:                                                  # fully masked row
+                for c in range(Dv):
+                    out[bh, i0 + a, c] = 0.0
+                lse[bh, i0 + a] = -np.inf
+
+
+def _ref_tile(tiles, tid, rq, ck):
+    """The boolean tile of a block (all True when full), cut to ``(rq, ck)``."""
+    return np.ones((rq, ck), bool) if tid < 0 else tiles[tid, :rq, :ck]
+
+
+def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq, bk):
+    """NumPy: the same tiled online softmax, one query tile and one key tile at a time."""
+    BH, N, _ = q.shape
+    M = k.shape[1]
+    nqb = -(-N // bq)
+    out = np.zeros((BH, N, v.shape[2]), q.dtype)
+    lse = np.full((BH, N), -np.inf, q.dtype)
+    for bh in range(BH):
+        for ti in range(nqb):
+            r = slice_of[bh] * nqb + ti
+            rows = slice(ti * bq, min(N, ti * bq + bq))
+            qs = scale * q[bh, rows]
+            m_run = np.full(qs.shape[0], -np.inf)
+            l_run = np.zeros(qs.shape[0])
+            acc = np.zeros((qs.shape[0], v.shape[2]))
+            for e in range(indptr[r], indptr[r + 1]):
+                keys = slice(cols[e] * bk, min(M, cols[e] * bk + bk))
+                s = qs @ k[bh, keys].T                                         # S       (bq, bk)
+                s = np.where(_ref_tile(tiles, tile[e], *s.shape), s, -np.inf)
+                m_new = np.maximum(m_run, s.max(axis=1))                       # m'
+                safe = np.where(np.isneginf(m_new), 0.0, m_new)
+                p = np.exp(s - safe[:, None])                                  # e^(S - m')
+                alpha = np.exp(m_run - safe)                                   # e^(m - m')
+                l_run = alpha * l_run + p.sum(axis=1)
+                acc = alpha[:, None] * acc + p @ v[bh, keys]
+                m_run = m_new
+            seen = l_run > 0
+            out[bh, rows][seen] = (acc[seen] / l_run[seen, None]).astype(q.dtype)
+            lse[bh, rows][seen] = (m_run[seen] + np.log(l_run[seen])).astype(q.dtype)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+@njit(**JIT)
+def _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, tid, qs, s, dp, work,
+                    dq_acc, dk, dv, with_dq, with_dkdv):
+    """One (query tile, key tile) block of the backward: ``dq_acc += dS K_J`` and/or
+    ``dK_J += dSᵀ (s Q_I)``, ``dV_J += Pᵀ dO_I``."""
+    sv = s[:rq, :ck]
+    dpv = dp[:rq, :ck]
+    gemm(qs, k[bh, j0:j0 + ck], sv, 1.0, 0.0, False, True)         # S = s Q_I K_Jᵀ
+    _mask_tile(s, rq, ck, tiles, tid)
+    _probs(s, rq, ck, lse, bh, i0, work)                           # P = e^(S - ℓ)
+    do = dout[bh, i0:i0 + rq]
+    if with_dkdv:
+        gemm(sv, do, dv[bh, j0:j0 + ck], 1.0, 1.0, True, False)    # dV_J += Pᵀ dO_I
+    gemm(do, v[bh, j0:j0 + ck], dpv, 1.0, 0.0, False, True)        # dP = dO_I V_Jᵀ
+    _dsoftmax(s, dp, rq, ck, delta, bh, i0)                        # dS = P ⊙ (dP - δ)
+    if with_dq:
+        gemm(dpv, k[bh, j0:j0 + ck], dq_acc, 1.0, 1.0, False, False)   # dQ_I += dS K_J
+    if with_dkdv:
+        gemm(dpv, qs, dk[bh, j0:j0 + ck], 1.0, 1.0, True, False)   # dK_J += dSᵀ (s Q_I)
+
+
+@njit(**JIT_PARALLEL)
+def blocksparse_backward(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, bq, bk,
+                         dq, dk, dv):
+    """``dq``, and ``dk``, ``dv`` (zeroed by the caller) of the block-sparse attention; each slice
+    ``bh`` is one work item (one thread walks all its tiles)."""
+    BH, N, D = q.shape
+    M = k.shape[1]
+    nqb = (N + bq - 1) // bq
+    for bh in prange(BH):
+        qs = np.empty((bq, D), q.dtype)
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        dq_acc = np.empty((bq, D), q.dtype)
+        work = np.empty(bk, np.float64)
+        for ti in range(nqb):
+            r = slice_of[bh] * nqb + ti
+            i0 = ti * bq
+            rq = min(bq, N - i0)
+            _scaled_rows(q, bh, i0, rq, scale, qs)
+            dq_acc[:, :] = 0.0
+            for e in range(indptr[r], indptr[r + 1]):
+                j0 = cols[e] * bk
+                _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, tile[e],
+                                qs[:rq], s, dp, work, dq_acc[:rq], dk, dv, True, True)
+            for a in range(rq):
+                for c in range(D):
+                    dq[bh, i0 + a, c] = scale * dq_acc[a, c]        # dQ = s dS K
+
+
+@njit(**JIT_PARALLEL)
+def blocksparse_backward_dq(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, bq, bk, dq):
+    """``dq`` alone, in parallel over (slice, query tile)."""
+    BH, N, D = q.shape
+    M = k.shape[1]
+    nqb = (N + bq - 1) // bq
+    for t in prange(BH * nqb):
+        bh = t // nqb
+        ti = t % nqb
+        r = slice_of[bh] * nqb + ti
+        i0 = ti * bq
+        rq = min(bq, N - i0)
+        qs = np.empty((rq, D), q.dtype)
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        dq_acc = np.zeros((rq, D), q.dtype)
+        work = np.empty(bk, np.float64)
+        _scaled_rows(q, bh, i0, rq, scale, qs)
+        for e in range(indptr[r], indptr[r + 1]):
+            j0 = cols[e] * bk
+            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, tile[e],
+                            qs, s, dp, work, dq_acc, dq, dq, True, False)
+        for a in range(rq):
+            for c in range(D):
+                dq[bh, i0 + a, c] = scale * dq_acc[a, c]
+
+
+@njit(**JIT_PARALLEL)
+def blocksparse_backward_dkdv(q, k, v, dout, lse, delta, scale, slice_of, tindptr, trows, ttile, tiles,
+                              bq, bk, dk, dv):
+    """``dk``, ``dv`` (zeroed by the caller), in parallel over (slice, key tile) through the
+    transposed layout: each key tile's rows belong to one work item."""
+    BH, N, D = q.shape
+    M = k.shape[1]
+    nkb = (M + bk - 1) // bk
+    for t in prange(BH * nkb):
+        bh = t // nkb
+        tj = t % nkb
+        r = slice_of[bh] * nkb + tj
+        j0 = tj * bk
+        ck = min(bk, M - j0)
+        qs = np.empty((bq, D), q.dtype)
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        work = np.empty(bk, np.float64)
+        for e in range(tindptr[r], tindptr[r + 1]):
+            i0 = trows[e] * bq
+            rq = min(bq, N - i0)
+            _scaled_rows(q, bh, i0, rq, scale, qs)
+            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, ttile[e],
+                            qs[:rq], s, dp, work, qs[:rq], dk, dv, False, True)
+
+
+def blocksparse_backward_reference(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles,
+                                   bq, bk):
+    """NumPy: ``(dq, dk, dv)`` by the same tiles, query tile by query tile."""
+    BH, N, _ = q.shape
+    M = k.shape[1]
+    nqb = -(-N // bq)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for bh in range(BH):
+        for ti in range(nqb):
+            r = slice_of[bh] * nqb + ti
+            rows = slice(ti * bq, min(N, ti * bq + bq))
+            qs = scale * q[bh, rows]
+            ell = lse[bh, rows]
+            empty = np.isneginf(ell)
+            do = dout[bh, rows]
+            for e in range(indptr[r], indptr[r + 1]):
+                keys = slice(cols[e] * bk, min(M, cols[e] * bk + bk))
+                s = qs @ k[bh, keys].T                                            # S
+                allowed = _ref_tile(tiles, tile[e], *s.shape) & ~empty[:, None]
+                p = np.where(allowed, np.exp(np.where(allowed, s - np.where(empty, 0, ell)[:, None], 0)), 0)
+                dv[bh, keys] += p.T @ do                                          # dV += Pᵀ dO
+                ds = p * (do @ v[bh, keys].T - delta[bh, rows][:, None])          # dS = P ⊙ (dP - δ)
+                dq[bh, rows] += scale * (ds @ k[bh, keys])                        # dQ += s dS K
+                dk[bh, keys] += ds.T @ qs                                         # dK += dSᵀ (s Q)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# building a layout
+
+@njit(**JIT)
+def csr_tile_counts(indptr, indices, r0, r1, bq, bk, counts):
+    """``counts[I - r0 // bq, J]`` += 1 for every entry ``(i, j)`` of rows ``[r0, r1)`` (``r0`` a
+    multiple of ``bq``), ``I = i // bq``, ``J = j // bk``."""
+    for i in range(r0, r1):
+        ti = (i - r0) // bq
+        for e in range(indptr[i], indptr[i + 1]):
+            counts[ti, indices[e] // bk] += 1
+
+
+def csr_tile_counts_reference(indptr, indices, r0, r1, bq, bk, shape):
+    rows = np.repeat(np.arange(r0, r1), np.diff(indptr[r0:r1 + 1]))
+    counts = np.zeros(shape, np.int64)
+    np.add.at(counts, ((rows - r0) // bq, indices[indptr[r0]:indptr[r1]] // bk), 1)
+    return counts
+
+
+@njit(**JIT)
+def csr_fill_tiles(indptr, indices, r0, r1, bq, bk, pid, tiles):
+    """``tiles[pid[I', J], i % bq, j % bk] = True`` for the entries of rows ``[r0, r1)`` whose block
+    has a partial-tile index ``pid >= 0`` (``I' = (i - r0) // bq``)."""
+    for i in range(r0, r1):
+        ti = (i - r0) // bq
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]
+            p = pid[ti, j // bk]
+            if p >= 0:
+                tiles[p, i % bq, j % bk] = True
+
+
+def csr_fill_tiles_reference(indptr, indices, r0, r1, bq, bk, pid, n_tiles):
+    rows = np.repeat(np.arange(r0, r1), np.diff(indptr[r0:r1 + 1]))
+    cols = indices[indptr[r0]:indptr[r1]]
+    p = pid[(rows - r0) // bq, cols // bk]
+    tiles = np.zeros((n_tiles, bq, bk), bool)
+    sel = p >= 0
+    tiles[p[sel], rows[sel] % bq, cols[sel] % bk] = True
+    return tiles
+
+
+@njit(**JIT)
+def dense_tile_counts(strip, bq, bk, counts):
+    """``counts[g, I, J]`` = allowed entries of tile ``(I, J)`` of the boolean rows ``strip (G, R, M)``."""
+    G, R, M = strip.shape
+    for g in range(G):
+        for i in range(R):
+            ti = i // bq
+            for j0 in range(0, M, bk):
+                c = 0
+                for j in range(j0, min(M, j0 + bk)):
+                    c += strip[g, i, j]
+                counts[g, ti, j0 // bk] += c
+
+
+def dense_tile_counts_reference(strip, bq, bk):
+    G, R, M = strip.shape
+    ti, tk = -(-R // bq), -(-M // bk)
+    padded = np.zeros((G, ti * bq, tk * bk), bool)
+    padded[:, :R, :M] = strip
+    return padded.reshape(G, ti, bq, tk, bk).sum(axis=(2, 4), dtype=np.int64)
+
+
+@njit(**JIT)
+def csr_is_canonical(indptr, indices, m):
+    """True when ``indptr`` is non-decreasing and every row's indices are strictly increasing and
+    in ``[0, m)`` (sorted, no duplicates: a canonical CSR whose entries the kernels may count)."""
+    for i in range(indptr.shape[0] - 1):
+        a, b = indptr[i], indptr[i + 1]
+        if b < a:
+            return False
+        prev = -1
+        for e in range(a, b):
+            j = indices[e]
+            if j <= prev or j >= m:
+                return False
+            prev = j
+    return True
+
+
+def csr_is_canonical_reference(indptr, indices, m):
+    if np.any(np.diff(indptr) < 0):
+        return False
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    idx = indices[:indptr[-1]]
+    new_row = np.ones(idx.size, bool)
+    new_row[1:] = rows[1:] != rows[:-1]
+    increasing = np.ones(idx.size, bool)
+    increasing[1:] = idx[1:] > idx[:-1]
+    return bool(np.all((idx >= 0) & (idx < m) & (new_row | increasing)))
