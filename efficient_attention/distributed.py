@@ -381,6 +381,7 @@ class _Graph:
         self.inputs = [x for x in inputs if x is not None]
         self.tasks = {}
         self.counts = {}
+        self.arrays = 0
         self._hlg = None
 
     def _key(self, prefix: str):
@@ -419,8 +420,8 @@ class _Graph:
         _, da = _dask()
         from dask.highlevelgraph import HighLevelGraph
         from dask.task_spec import Task
-        name = f"{self.name}-{len(self.counts)}-{id(refs)}"
-        self.counts[name] = 0
+        self.arrays += 1
+        name = f"ea-blocks-{self.token}{self.arrays}"
         layer = {}
         for idx in np.ndindex(refs.shape):
             key = (name,) + idx
