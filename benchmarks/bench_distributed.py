@@ -1,25 +1,25 @@
 """Scale-out benchmark: DistributedAttention on a LocalCluster, strong scaling and out-of-core.
 
-    python benchmarks/bench_distributed.py [--quick] [--repeat R] [--json FILE]
+    python benchmarks/bench_distributed.py [--quick] [--repeat R] [--d D] [--json FILE]
 
 Strong scaling: the same sequence-sharded forward + backward on 1 and then 2 worker processes
-(``threads_per_worker=1``; each worker's cores held to one thread), fp32, 8 heads,
-d = Dv = 64, N = 2^20: local attention (window 64, halos) and causal linear attention
-(elu + 1, the state scan). The inputs are drawn on the workers and kept there before the
-clock starts; a timed run is the submission of the graph until every block of the output and
-of the three gradients is on a worker. Beside them the single-process core on the same arrays
-(one thread, and its own two threads), so that the table gives the speed-up from 1 to 2
-workers (goal: 1.7x or more) and the overhead of the graph against the core on one thread.
-The outputs and gradients are compared with the single-process core's (max relative error).
+(``threads_per_worker=1``; numba held to one thread in each, local attention's band code too),
+fp32, 8 heads, N = 2^20 in 16 shards, d = Dv = 16 by default (``--d``; at d = 64 the four
+inputs alone take 8 GB): local attention (window 16, halos) and causal linear attention
+(elu + 1, the state scan). The inputs are drawn on the workers and kept there before the clock
+starts, and the kernels are compiled on every worker by a small run; a timed run is the
+submission of the graph until every block of the output and of the three gradients is held on
+a worker. Beside them the single-process core on the same arrays on one thread: the table
+gives the speed-up from 1 to 2 workers (goal: 1.7x or more), the time against the core on one
+thread (the overhead of the graph), and the error against the core on the first three shards.
 
 Out-of-core: sequence-sharded local attention forward + backward on 2 workers whose
 ``memory_limit`` together is below the size of q, k, v and dout; dask spills to disk. The
-results are reduced to sums on the workers (nothing gathered) and compared with the
+results are reduced to their Σx² on the workers (nothing large gathered) and compared with the
 single-process core's.
 
-``--quick``: N = 4096, 2 heads, d = 16, one round (a check that the script runs); the
-out-of-core row then cannot go below the inputs' size (workers need more memory to start)
-and says so.
+``--quick``: N = 4096, 2 heads, d = 16 (a check that the script runs); the out-of-core row then
+cannot go below the inputs' size (workers need more memory than that to start) and says so.
 """
 import argparse
 import time
@@ -45,27 +45,29 @@ def arrays(n, heads, d, shard, seed=0):
     return [rng.standard_normal((heads, n, d), chunks=chunks, dtype=np.float32) for _ in range(4)]
 
 
-def single_process(core, q, k, v, dout, threads, repeat):
-    """Median time of the core's forward + backward in this process on ``threads`` threads."""
+def single_process(core, q, k, v, dout, repeat, rows):
+    """Median time of the core's forward + backward in this process on one thread; the first
+    ``rows`` rows of out, dq, dk, dv, and the Σx² of each whole result."""
     import numba
     from threadpoolctl import threadpool_limits
-    saved_numba, saved_threads = numba.get_num_threads(), getattr(core, "threads", None)
-    numba.set_num_threads(threads)
-    if hasattr(core, "threads"):
-        core.threads = threads
-    result = {}
-
-    def run():
-        out, cache = core.forward(q, k, v, check_finite=False)
-        result["out"], result["grads"] = out, core.backward(cache, dout)
+    saved = numba.get_num_threads()
+    numba.set_num_threads(1)
     try:
-        with threadpool_limits(threads):
-            t = bench.median_time(run, repeat=repeat, warmup=1)
+        with threadpool_limits(1):
+            small = [x[:, :4096] for x in (q, k, v, dout)]      # compile the kernels outside the clock
+            core.backward(core.forward(*small[:3], check_finite=False)[1], small[3])
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                out, cache = core.forward(q, k, v, check_finite=False)
+                grads = core.backward(cache, dout)
+                times.append(time.perf_counter() - t0)
+                del cache
     finally:
-        numba.set_num_threads(saved_numba)
-        if hasattr(core, "threads"):
-            core.threads = saved_threads
-    return t, result["out"], result["grads"]
+        numba.set_num_threads(saved)
+    results = (out, *grads[:3])
+    return (float(np.median(times)), [np.array(x[:, :rows]) for x in results],
+            [float(np.sum(x.astype(np.float64) ** 2)) for x in results])
 
 
 def cluster(workers, memory_limit="auto"):
@@ -75,25 +77,33 @@ def cluster(workers, memory_limit="auto"):
     return c, Client(c, set_as_default=False)
 
 
-def distributed_run(client, core, inputs, repeat):
-    """Median time of forward + backward persisted on the cluster, and the gathered results."""
+def _forward_backward(client, dist, q, k, v, dout):
+    """Forward + backward persisted on the workers (nothing gathered); the kept collections."""
+    out, cache = dist.forward(q, k, v, check_finite=False)
+    grads = dist.backward(cache, dout, check_finite=False)
+    kept = client.persist([out, *grads[:3]])
+    _wait(client, kept)
+    return kept
+
+
+def distributed_run(client, core, n, heads, d, shard, repeat, rows):
+    """Median time of forward + backward on the cluster (inputs drawn and kept on the workers
+    before the clock starts), and the first ``rows`` rows of the results."""
     from distributed import futures_of
     from efficient_attention.distributed import DistributedAttention
-    q, k, v, dout = client.persist(inputs)
-    client.gather(futures_of([q, k, v, dout]))       # the inputs on the workers before the clock
     dist = DistributedAttention(core)
-    times, kept = [], None
-    for r in range(repeat + 1):                       # round 0 warms the workers up (numba, BLAS)
-        kept = None
+    warm = client.persist(arrays(4 * shard // 8, heads, d, shard // 8))   # compile on every worker
+    _forward_backward(client, dist, *warm)
+    inputs = client.persist(arrays(n, heads, d, shard))
+    _wait(client, inputs)
+    times = []
+    for _ in range(repeat):
         t0 = time.perf_counter()
-        out, cache = dist.forward(q, k, v, check_finite=False)
-        grads = dist.backward(cache, dout, check_finite=False)
-        kept = client.persist([out, *grads[:3]])
-        _wait(client, kept)
-        if r:
-            times.append(time.perf_counter() - t0)
-    results = client.compute(kept, sync=True)
-    return float(np.median(times)), results, (q, k, v, dout)
+        kept = _forward_backward(client, dist, *inputs)
+        times.append(time.perf_counter() - t0)
+    head = client.compute([x[:, :rows] for x in kept], sync=True)
+    del kept, inputs
+    return float(np.median(times)), head
 
 
 def _wait(client, collections):
@@ -143,65 +153,65 @@ def _spilled_to_disk(dask_worker):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one round (seconds)")
-    p.add_argument("--repeat", type=int, default=3, help="timed rounds per configuration (median)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    p.add_argument("--repeat", type=int, default=1, help="timed rounds per configuration (median)")
+    p.add_argument("--d", type=int, default=16, help="feature width D = Dv (full run)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.quick:
-        n, heads, d, shard, window, repeat = 4096, 2, 16, 512, 16, 1
+        n, heads, d, shard, window = 4096, 2, 16, 512, 16
     else:
-        n, heads, d, shard, window, repeat = 2 ** 20, 8, 64, 2 ** 16, 64, args.repeat
+        n, heads, d, shard, window = 2 ** 20, 8, args.d, 2 ** 16, 16
+    rows_checked = 3 * shard
     print(bench.machine_header())
-    print(f"- N = {n}, {heads} heads, d = Dv = {d}, fp32; sequence shards of {shard} rows "
-          f"({n // shard} shards); local window {window}; median of {repeat} round(s) after one warm-up")
+    print(f"- N = {n}, {heads} heads, d = Dv = {d}, fp32 (q alone {n * heads * d * 4 / 2 ** 20:.0f} MB); "
+          f"sequence shards of {shard} rows ({n // shard} shards); local window {window}; "
+          f"median of {args.repeat} timed round(s), kernels compiled beforehand")
     print("- workers: LocalCluster(threads_per_worker=1, processes=True), NUMBA_NUM_THREADS=1 in each; "
-          "the machine is shared with other users, so times are noisy\n")
+          "the single-process core on one thread (numba, BLAS and the band code's pool)")
+    print(f"- errors: max relative error of out, dq, dk, dv against the single-process core on the first "
+          f"{rows_checked} rows (3 shards: the halos and carried states between them)\n")
     rows = []
     record = {"n": n, "heads": heads, "d": d, "shard": shard, "window": window, "rows": rows}
-    inputs_np = None
-    ref = {}
-    clusters = {w: cluster(w) for w in (1, 2)}
-    try:
-        for name, core in cores(window).items():
-            inputs = arrays(n, heads, d, shard)
-            if inputs_np is None:
-                inputs_np = clusters[1][1].compute(inputs, sync=True)
-            t1, out, g = single_process(core, *inputs_np, threads=1, repeat=repeat)
-            t2, _, _ = single_process(core, *inputs_np, threads=2, repeat=repeat)
-            ref[name] = (out, g.dq, g.dk, g.dv)
-            rows.append({"variant": name, "run": "single process, 1 thread", "seconds": t1, "speed-up": 1.0,
-                         "vs core on 1 thread": "—", "max rel. error": "—"})
-            rows.append({"variant": name, "run": "single process, 2 threads", "seconds": t2,
-                         "speed-up": t1 / t2, "vs core on 1 thread": "—", "max rel. error": "—"})
-            times = {}
-            for w in (1, 2):
-                t, res, _ = distributed_run(clusters[w][1], core, inputs, repeat)
-                times[w] = t
+    q, k, v, dout = (np.asarray(x) for x in __import__("dask").compute(*arrays(n, heads, d, shard),
+                                                                          scheduler="threads"))
+    ref, sums = {}, {}
+    for name, core in cores(window).items():
+        t1, ref[name], sums[name] = single_process(core, q, k, v, dout, args.repeat, rows_checked)
+        rows.append({"variant": name, "run": "single process, 1 thread", "seconds": t1, "speed-up": 1.0,
+                     "time / core on 1 thread": 1.0, "max rel. error": "—"})
+        record[name] = {"single": t1}
+    del q, k, v, dout
+    for w in (1, 2):
+        c, client = cluster(w)
+        try:
+            for name, core in cores(window).items():
+                t, head = distributed_run(client, core, n, heads, d, shard, args.repeat, rows_checked)
+                record[name][w] = t
                 rows.append({"variant": name, "run": f"DistributedAttention, {w} worker{'s' if w > 1 else ''}",
-                             "seconds": t, "speed-up": times[1] / t,
-                             "vs core on 1 thread": f"{t / t1:.2f}x",
-                             "max rel. error": max_rel(res, ref[name])})
-            record[name] = {"speedup_1_to_2_workers": times[1] / times[2], "overhead_1_worker": times[1] / t1 - 1}
-    finally:
-        for c, client in clusters.values():
+                             "seconds": t, "speed-up": record[name].get(1, t) / t,
+                             "time / core on 1 thread": t / record[name]["single"],
+                             "max rel. error": max_rel(head, ref[name])})
+        finally:
             client.close()
             c.close()
+    rows.sort(key=lambda r: r["variant"])
     print(bench.markdown_table(rows))
     print()
     for name in cores(window):
-        s = record[name]["speedup_1_to_2_workers"]
+        s = record[name][1] / record[name][2]
+        record[name]["speedup_1_to_2_workers"] = s
         print(f"- {name}: 1 -> 2 workers {s:.2f}x ({'met' if s >= 1.7 else 'NOT met'}: goal >= 1.7x); "
-              f"1 worker against the core on one thread: {record[name]['overhead_1_worker'] * 100:+.0f} %")
+              f"1 worker against the core on one thread: {(record[name][1] / record[name]['single'] - 1) * 100:+.0f} %")
 
     # ---------------------------------------------------------------- out-of-core
     core = cores(window)["local (halo)"]
     total = 4 * n * heads * d * 4                      # q, k, v, dout in fp32
     limit = 512 * 2 ** 20 if args.quick else int(0.4 * total)
     out_shard = shard if args.quick else 2 ** 14
-    sums = [float(np.sum(x.astype(np.float64) ** 2)) for x in ref["local (halo)"]]
-    elapsed, err, spilled = out_of_core(core, n, heads, d, shard, out_shard, limit, sums)
+    elapsed, err, spilled = out_of_core(core, n, heads, d, shard, out_shard, limit, sums["local (halo)"])
     below = 2 * limit < total
     print("\n## Out-of-core: local attention forward + backward on 2 workers with a memory limit\n")
     ooc = [{"q + k + v + dout (MB)": total / 2 ** 20, "memory_limit per worker (MB)": limit / 2 ** 20,
