@@ -57,7 +57,8 @@ backward adds to the scan's local gradients the terms of the carried states:
 The features are the feature map's public ``forward``/``backward`` (exact features:
 :class:`~efficient_attention.LinearAttention` alone applies the FAVOR+ stabiliser, which
 cancels exactly, so the two agree to rounding wherever the exact features neither overflow
-nor underflow).
+nor underflow; a query whose features all underflow raises ``ValueError`` at compute time
+rather than get the output 0).
 
 **Chunks.** ``q, k, v`` may be chunked along their leading axes (the same chunks for all three)
 and along the sequence axis (``k`` and ``v`` then with ``q``'s chunks, so ``M = N``); the
@@ -743,6 +744,17 @@ def _features(core, x, name):
     phi = np.asarray(phi)
     if phi.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"feature_map must map {name} {x.shape} to (..., {x.shape[-2]}, F), got {phi.shape}")
+    overflow = not np.isfinite(phi).all() and np.isfinite(x).all()
+    # a stabilised map's features are positive: a row of zeros is an underflow, which would
+    # silently give that query the output 0 (LinearAttention's row shift prevents it)
+    underflow = (name == "q" and getattr(fm, "stabilised", False) and phi.size
+                 and bool((phi.max(axis=-1) <= 0).any()))
+    if overflow or underflow:
+        raise ValueError(f"feature_map {'overflowed' if overflow else 'underflowed'} on {name}: the "
+                         f"sequence-sharded linear attention uses the exact features φ({name}) (the "
+                         f"stabiliser of LinearAttention itself is a step of the feature map this module "
+                         f"cannot call), and these inputs are too large for them in {x.dtype}; scale "
+                         f"{name} down, use float64, or shard only the leading axes")
     return phi.astype(x.dtype, copy=False), fcache
 
 

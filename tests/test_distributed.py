@@ -188,6 +188,19 @@ def test_fully_masked_rows_through_the_pairwise_merge(own_rules):
     _assert_equal(got, (ref_out, ref))
 
 
+def test_feature_underflow_is_an_error_not_a_wrong_answer():
+    """The sharded path uses exact FAVOR+ features: where a query's features all underflow it
+    says so instead of giving that query the output 0 (the core, with its stabiliser, still
+    works there)."""
+    q, k, v, _ = _arrays(20, (1,), dtype=np.float32)
+    core = ea.LinearAttention(ea.PerformerFeatureMap(_omega()), causal=True)
+    big = 60 * q
+    assert np.isfinite(core(big, k, v)).all()
+    out, _ = DistributedAttention(core).forward(*(_dask(x, (1,), 5) for x in (big, k, v)))
+    with pytest.raises(ValueError, match="feature_map underflowed on q"):
+        out.compute()
+
+
 def test_graphs_are_lazy():
     """Building forward and backward computes nothing (a scheduler that fails if called)."""
     def refuse(*args, **kwargs):
