@@ -3,7 +3,8 @@
     python benchmarks/bench_distributed.py [--quick] [--repeat R] [--d D] [--json FILE]
 
 Strong scaling: the same sequence-sharded forward + backward on 1 and then 2 worker processes
-(``threads_per_worker=1``; numba held to one thread in each, local attention's band code too),
+(``threads_per_worker=1``; numba held to one thread in each, local attention's band code too;
+glibc keeping freed memory, see ``KEEP_FREED_MEMORY``),
 fp32, 8 heads, N = 2^20 in 16 shards, d = Dv = 16 by default (``--d``; at d = 64 the four
 inputs alone take 8 GB): local attention (window 16, halos) and causal linear attention
 (elu + 1, the state scan). The inputs are drawn on the workers and kept there before the clock
@@ -37,12 +38,23 @@ def cores(window):
             "linear causal, elu+1 (state scan)": ea.LinearAttention(ea.EluFeatureMap(), causal=True)}
 
 
-def arrays(n, heads, d, shard, seed=0):
-    """q, k, v, dout as dask arrays drawn block by block (fp32, one chunk of heads)."""
+#: rows per block in which the inputs are drawn (their values do not depend on the shards used)
+BLOCK = 2 ** 14
+
+
+def arrays(n, heads, d, shard, block=None):
+    """q, k, v, dout as dask arrays (fp32, one chunk of heads, shards of ``shard`` rows), drawn
+    together in blocks of ``block`` rows (``BLOCK``, at most ``shard``): shard j of all four is
+    one task's result, so that a cluster holds them on one worker (as inputs read shard by
+    shard from storage would be) and no timed task waits for an input; the values are the same
+    whatever ``shard``."""
     import dask.array as da
-    rng = da.random.default_rng(seed)
-    chunks = (heads, shard, d)
-    return [rng.standard_normal((heads, n, d), chunks=chunks, dtype=np.float32) for _ in range(4)]
+    block = min(BLOCK if block is None else block, shard)
+    rng = da.random.default_rng(0)
+    stacked = rng.standard_normal((4, heads, n, d), chunks=(4, heads, block, d), dtype=np.float32)
+    if shard != block:
+        stacked = stacked.rechunk((4, heads, shard, d))
+    return [stacked[i] for i in range(4)]
 
 
 def single_process(core, q, k, v, dout, repeat, rows):
@@ -70,10 +82,25 @@ def single_process(core, q, k, v, dout, repeat, rows):
             [float(np.sum(x.astype(np.float64) ** 2)) for x in results])
 
 
-def cluster(workers, memory_limit="auto"):
+#: glibc settings for the scaling runs' workers. dask's nanny starts every worker with
+#: MALLOC_TRIM_THRESHOLD_=65536 (to hand memory back to the system early); setting it also turns
+#: off glibc's adaptive mmap threshold, so every large temporary of a core is fresh pages that
+#: the kernel zeroes on first touch. Measured here (local attention, N = 2^18, 8 heads, d = 16,
+#: the same single-process call in a worker): 5.9-8.5 s with dask's default against 2.0-3.5 s
+#: with freed memory kept (and 2.7-3.5 s outside the worker). Kept, a worker holds its peak heap:
+#: the out-of-core run keeps dask's default.
+KEEP_FREED_MEMORY = {"MALLOC_TRIM_THRESHOLD_": 2 ** 31, "MALLOC_MMAP_THRESHOLD_": 2 ** 30}
+
+
+def cluster(workers, memory_limit="auto", keep_freed_memory=True):
+    import dask
     from distributed import Client, LocalCluster
-    c = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                     memory_limit=memory_limit, env={"NUMBA_NUM_THREADS": "1"})
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    if keep_freed_memory:
+        environ.update(KEEP_FREED_MEMORY)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        c = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                         memory_limit=memory_limit, env={"NUMBA_NUM_THREADS": "1"})
     return c, Client(c, set_as_default=False)
 
 
@@ -86,24 +113,45 @@ def _forward_backward(client, dist, q, k, v, dout):
     return kept
 
 
-def distributed_run(client, core, n, heads, d, shard, repeat, rows):
-    """Median time of forward + backward on the cluster (inputs drawn and kept on the workers
-    before the clock starts), and the first ``rows`` rows of the results."""
-    from distributed import futures_of
+def distributed_rounds(clients, core, n, heads, d, shard, repeat, rows):
+    """Forward + backward on each cluster of ``clients`` (``{workers: client}``), the clusters
+    in turn within each round (a shared machine's speed drifts between rounds; a ratio taken
+    within a round pairs like with like). The inputs are drawn and kept on the workers and the
+    kernels compiled by a small run before the clock starts. Returns ``{workers: [seconds per
+    round]}`` and ``{workers: the first rows of out, dq, dk, dv}``."""
     from efficient_attention.distributed import DistributedAttention
     dist = DistributedAttention(core)
-    warm = client.persist(arrays(4 * shard // 8, heads, d, shard // 8))   # compile on every worker
-    _forward_backward(client, dist, *warm)
-    inputs = client.persist(arrays(n, heads, d, shard))
-    _wait(client, inputs)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        kept = _forward_backward(client, dist, *inputs)
-        times.append(time.perf_counter() - t0)
-    head = client.compute([x[:, :rows] for x in kept], sync=True)
-    del kept, inputs
-    return float(np.median(times)), head
+    inputs = {}
+    for w, client in clients.items():
+        warm = client.persist(arrays(4 * shard // 8, heads, d, shard // 8))   # compile on every worker
+        _forward_backward(client, dist, *warm)
+        inputs[w] = client.persist(arrays(n, heads, d, shard))
+        _wait(client, inputs[w])
+    from distributed import get_task_stream
+    times = {w: [] for w in clients}
+    busy = {w: [] for w in clients}
+    heads_of = {}
+    for r in range(repeat):
+        for w, client in clients.items():
+            with get_task_stream(client) as stream:
+                t0 = time.perf_counter()
+                kept = _forward_backward(client, dist, *inputs[w])
+                times[w].append(time.perf_counter() - t0)
+            busy[w].append(_busy(stream.data))
+            if r == 0:
+                heads_of[w] = client.compute([x[:, :rows] for x in kept], sync=True)
+            del kept
+    return times, busy, heads_of
+
+
+def _busy(records):
+    """Seconds each worker spent computing tasks (task stream), in decreasing order."""
+    per_worker = {}
+    for record in records:
+        for span in record["startstops"]:
+            if span["action"] == "compute":
+                per_worker[record["worker"]] = per_worker.get(record["worker"], 0.0) + span["stop"] - span["start"]
+    return sorted(per_worker.values(), reverse=True)
 
 
 def _wait(client, collections):
@@ -120,12 +168,13 @@ def max_rel(actual, expected):
 
 def out_of_core(core, n, heads, d, shard, out_shard, memory_limit, reference_sums):
     """Forward + backward on 2 workers limited to ``memory_limit`` bytes each, on the inputs of
-    the scaling runs cut into shards of ``out_shard`` rows; the sums of squares of the results
-    computed on the workers (nothing large gathered)."""
+    the scaling runs in shards of ``out_shard`` rows (drawn in those blocks: no larger block is
+    ever held); the sums of squares of the results computed on the workers (nothing large
+    gathered)."""
     from efficient_attention.distributed import DistributedAttention
-    c, client = cluster(2, memory_limit=memory_limit)
+    c, client = cluster(2, memory_limit=memory_limit, keep_freed_memory=False)
     try:
-        q, k, v, dout = (x.rechunk((heads, out_shard, d)) for x in arrays(n, heads, d, shard))
+        q, k, v, dout = arrays(n, heads, d, out_shard)
         dist = DistributedAttention(core)
         t0 = time.perf_counter()
         out, cache = dist.forward(q, k, v, check_finite=False)
@@ -154,7 +203,7 @@ def _spilled_to_disk(dask_worker):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    p.add_argument("--repeat", type=int, default=1, help="timed rounds per configuration (median)")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds per configuration (median)")
     p.add_argument("--d", type=int, default=16, help="feature width D = Dv (full run)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
@@ -168,9 +217,15 @@ def main(argv=None):
     print(bench.machine_header())
     print(f"- N = {n}, {heads} heads, d = Dv = {d}, fp32 (q alone {n * heads * d * 4 / 2 ** 20:.0f} MB); "
           f"sequence shards of {shard} rows ({n // shard} shards); local window {window}; "
-          f"median of {args.repeat} timed round(s), kernels compiled beforehand")
-    print("- workers: LocalCluster(threads_per_worker=1, processes=True), NUMBA_NUM_THREADS=1 in each; "
-          "the single-process core on one thread (numba, BLAS and the band code's pool)")
+          f"{args.repeat} timed round(s), 1 and 2 workers in turn within a round; medians; kernels compiled "
+          f"beforehand")
+    print("- workers: LocalCluster(threads_per_worker=1, processes=True), NUMBA_NUM_THREADS=1 in each, glibc "
+          f"keeping freed memory ({', '.join(f'{k}={v}' for k, v in KEEP_FREED_MEMORY.items())}; dask's "
+          "default MALLOC_TRIM_THRESHOLD_=65536 made a worker 2x slower here); the single-process core "
+          "on one thread (numba, BLAS and the band code's pool)")
+    print("- computing per worker: the seconds each worker spent in tasks (task stream) in the median round; "
+          "two workers that each compute about half of one worker's time run in parallel, and if their "
+          "sum exceeds one worker's, each task ran slower beside the other (cores or memory shared)")
     print(f"- errors: max relative error of out, dq, dk, dv against the single-process core on the first "
           f"{rows_checked} rows (3 shards: the halos and carried states between them)\n")
     rows = []
@@ -179,38 +234,47 @@ def main(argv=None):
                                                                           scheduler="threads"))
     ref, sums = {}, {}
     for name, core in cores(window).items():
-        t1, ref[name], sums[name] = single_process(core, q, k, v, dout, args.repeat, rows_checked)
+        t1, ref[name], sums[name] = single_process(core, q, k, v, dout, 1 if args.quick else args.repeat,
+                                                   rows_checked)
         rows.append({"variant": name, "run": "single process, 1 thread", "seconds": t1, "speed-up": 1.0,
-                     "time / core on 1 thread": 1.0, "max rel. error": "—"})
+                     "time / core on 1 thread": 1.0, "computing per worker (s)": "—", "max rel. error": "—"})
         record[name] = {"single": t1}
     del q, k, v, dout
-    for w in (1, 2):
-        c, client = cluster(w)
-        try:
-            for name, core in cores(window).items():
-                t, head = distributed_run(client, core, n, heads, d, shard, args.repeat, rows_checked)
-                record[name][w] = t
+    clusters = {w: cluster(w) for w in (1, 2)}
+    try:
+        for name, core in cores(window).items():
+            times, busy, head = distributed_rounds({w: cl for w, (_, cl) in clusters.items()}, core, n, heads,
+                                                   d, shard, args.repeat, rows_checked)
+            record[name].update({f"{w} worker(s), per round": times[w] for w in times})
+            record[name]["speedup_1_to_2_workers"] = bench.median_ratio(times[1], times[2])
+            for w in (1, 2):
+                t = float(np.median(times[w]))
                 rows.append({"variant": name, "run": f"DistributedAttention, {w} worker{'s' if w > 1 else ''}",
-                             "seconds": t, "speed-up": record[name].get(1, t) / t,
+                             "seconds": t, "speed-up": bench.median_ratio(times[1], times[w]),
                              "time / core on 1 thread": t / record[name]["single"],
-                             "max rel. error": max_rel(head, ref[name])})
-        finally:
+                             "computing per worker (s)": " + ".join(f"{b:.1f}" for b in busy[w][
+                                 int(np.argsort(times[w])[len(times[w]) // 2])]),
+                             "max rel. error": max_rel(head[w], ref[name])})
+                record[name][f"{w} worker(s), busy per round"] = busy[w]
+                record[name][w] = t
+    finally:
+        for c, client in clusters.values():
             client.close()
             c.close()
     rows.sort(key=lambda r: r["variant"])
     print(bench.markdown_table(rows))
     print()
     for name in cores(window):
-        s = record[name][1] / record[name][2]
-        record[name]["speedup_1_to_2_workers"] = s
-        print(f"- {name}: 1 -> 2 workers {s:.2f}x ({'met' if s >= 1.7 else 'NOT met'}: goal >= 1.7x); "
-              f"1 worker against the core on one thread: {(record[name][1] / record[name]['single'] - 1) * 100:+.0f} %")
+        s = record[name]["speedup_1_to_2_workers"]
+        print(f"- {name}: 1 -> 2 workers {s:.2f}x, the median over rounds of the ratio within a round "
+              f"({'met' if s >= 1.7 else 'NOT met'}: goal >= 1.7x); 1 worker against the core on one "
+              f"thread: {(record[name][1] / record[name]['single'] - 1) * 100:+.0f} %")
 
     # ---------------------------------------------------------------- out-of-core
     core = cores(window)["local (halo)"]
     total = 4 * n * heads * d * 4                      # q, k, v, dout in fp32
     limit = 512 * 2 ** 20 if args.quick else int(0.4 * total)
-    out_shard = shard if args.quick else 2 ** 14
+    out_shard = shard if args.quick else BLOCK
     elapsed, err, spilled = out_of_core(core, n, heads, d, shard, out_shard, limit, sums["local (halo)"])
     below = 2 * limit < total
     print("\n## Out-of-core: local attention forward + backward on 2 workers with a memory limit\n")
