@@ -1003,7 +1003,7 @@ class BlockSparseAttention(AttentionCore):
         self.mask = _as_mask(mask)
         self._layouts: dict = {}
 
-    def _config(self):
+    def options(self):
         if self.mask is None or isinstance(self.mask, BlockMask):
             mask = None if self.mask is None else f"<BlockMask {self.mask.shape}, density {self.mask.density:.3g}>"
         else:
