@@ -60,6 +60,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import config
+from .plot import plot_pattern as plot  # noqa: F401  (public: patterns.plot)
+from .plot import to_image
 from .validate import check_bool, check_csr, check_indices, check_int
 
 __all__ = [
@@ -545,29 +547,6 @@ def draw_pattern(rng: np.random.Generator, n: int) -> tuple[str, sp.csr_array]:
 
 # --------------------------------------------------------------------------- pictures
 
-def to_image(pattern, max_size: int | None = None) -> np.ndarray:
-    """The pattern as a dense boolean ``(rows, cols)`` array: what :func:`to_ascii`
-    prints and :func:`plot` draws.
-
-    With ``max_size``, a side longer than ``max_size`` is coarsened to at most
-    ``max_size`` cells: a cell stands for a block of entries and is True when
-    any entry of the block is allowed. ``None`` keeps every entry.
-    """
-    if not sp.issparse(pattern) or pattern.ndim != 2:
-        raise TypeError(f"pattern must be a 2-D scipy.sparse array, got {type(pattern).__name__}")
-    n, m = pattern.shape
-    pattern = check_csr(pattern, n, m)
-    if max_size is not None:
-        max_size = check_int(max_size, "max_size", minimum=1)
-    fr = -(-n // max_size) if max_size is not None and n > max_size else 1
-    fc = -(-m // max_size) if max_size is not None and m > max_size else 1
-    if fr == 1 and fc == 1:
-        return pattern.toarray()
-    coo = sp.coo_array(pattern)
-    img = np.zeros((-(-n // fr), -(-m // fc)), bool)
-    img[coo.row // fr, coo.col // fc] = True
-    return img
-
 
 def to_ascii(pattern, on: str = "#", off: str = ".", max_size: int = 128) -> str:
     """The pattern as text, one line per query row, one character per key.
@@ -580,22 +559,3 @@ def to_ascii(pattern, on: str = "#", off: str = ".", max_size: int = 128) -> str
     return "\n".join("".join(row) for row in chars)
 
 
-def plot(pattern, ax=None, path=None, *, labels=None, colors=None, title=None, max_size: int = 256):
-    """Draw a pattern (or several) the way the lecture does: an N×N grid of
-    cells, query ``i`` down the rows, key ``j`` along the columns, allowed
-    cells filled.
-
-    The same function as :func:`efficient_attention.plot.plot_pattern`, which
-    documents the arguments; it returns the matplotlib ``Axes`` and needs
-    matplotlib (``pip install 'efficient_attention[plot]'``).
-
-    Notes
-    -----
-    Every picture the library draws lives in :mod:`efficient_attention.plot`,
-    which imports this module (its chapter figures build patterns); so this
-    alias imports :mod:`efficient_attention.plot` when called, not at import
-    time: a module-level import here would be a cycle, and would put plotting
-    code on the import path of the algorithm.
-    """
-    from .plot import plot_pattern                 # on call: plot imports patterns (see Notes)
-    return plot_pattern(pattern, ax, path, labels=labels, colors=colors, title=title, max_size=max_size)

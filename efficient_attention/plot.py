@@ -1,7 +1,6 @@
 """Every picture the library draws (matplotlib, optional: ``pip install 'efficient_attention[plot]'``).
 
-The algorithm modules draw nothing and import no plotting code; the pictures
-of the chapters live here:
+The algorithm modules draw nothing; the drawing lives here, given the objects to draw:
 
 =====================================  ===============================================================
 function                               draws
@@ -9,39 +8,57 @@ function                               draws
 :func:`plot_pattern`                   a pattern (or several, one colour each) as the N×N grid of
                                        cells the lecture draws (also :func:`patterns.plot
                                        <efficient_attention.patterns.plot>`)
+:func:`plot_tiles`                     a :class:`~efficient_attention.BlockMask`'s tile layout
 :func:`plot_sort_matrix`               Sparse Sinkhorn's soft permutation ``P`` of the key blocks
-:func:`hand_designed_figures`          chapter 1's pictures, ``01_*.png``
-:func:`clustered_figures`              chapter 2's LSH and routing pictures, ``02_lsh_*.png``,
-                                       ``02_routing.png``
+:func:`to_image`                       a pattern as a (coarsened) boolean image, what
+                                       :func:`plot_pattern` draws and ``patterns.to_ascii`` prints
 =====================================  ===============================================================
 
-Dependencies run one way: this module imports the chapters (the figures build
-patterns and cores), a chapter never imports this module at import time.
-matplotlib is imported inside the functions, so importing this module needs
-no matplotlib; a function that draws raises an ``ImportError`` naming the
-``plot`` extra when matplotlib is missing.
+Dependencies run one way: this module imports no chapter (it draws what it is given), so the
+chapters may use it (``patterns.plot`` is :func:`plot_pattern`); the chapters' figures for the
+documentation, which build patterns and cores, are in :mod:`efficient_attention.figures`, above
+the chapters. matplotlib is imported inside the functions, so importing this module needs no
+matplotlib; a function that draws raises an ``ImportError`` naming the ``plot`` extra when
+matplotlib is missing.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import scipy.sparse as sp
 
-from . import patterns as P
-from .blocksparse import BlockMask
-from .lsh import LSHAttention
-from .routing import RoutingAttention
-from .validate import check_csr
+from .validate import check_csr, check_int
 
-__all__ = ["COLORS", "plot_pattern", "plot_sort_matrix", "plot_tiles", "hand_designed_figures", "clustered_figures",
-           "engine_figures"]
+__all__ = ["COLORS", "pyplot", "to_image", "plot_pattern", "plot_sort_matrix", "plot_tiles"]
 
 #: one colour per pattern (the lecture's: local, strided, global, random, ...)
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 
 
-def _pyplot():
+def to_image(pattern, max_size: int | None = None) -> np.ndarray:
+    """The pattern as a dense boolean ``(rows, cols)`` array: what
+    :func:`efficient_attention.patterns.to_ascii` prints and :func:`plot_pattern` draws.
+
+    With ``max_size``, a side longer than ``max_size`` is coarsened to at most
+    ``max_size`` cells: a cell stands for a block of entries and is True when
+    any entry of the block is allowed. ``None`` keeps every entry.
+    """
+    if not sp.issparse(pattern) or pattern.ndim != 2:
+        raise TypeError(f"pattern must be a 2-D scipy.sparse array, got {type(pattern).__name__}")
+    n, m = pattern.shape
+    pattern = check_csr(pattern, n, m)
+    if max_size is not None:
+        max_size = check_int(max_size, "max_size", minimum=1)
+    fr = -(-n // max_size) if max_size is not None and n > max_size else 1
+    fc = -(-m // max_size) if max_size is not None and m > max_size else 1
+    if fr == 1 and fc == 1:
+        return pattern.toarray()
+    coo = sp.coo_array(pattern)
+    img = np.zeros((-(-n // fr), -(-m // fc)), bool)
+    img[coo.row // fr, coo.col // fc] = True
+    return img
+
+
+def pyplot():
     """``matplotlib.pyplot``, or an ImportError that says how to install it."""
     try:
         import matplotlib.pyplot as plt
@@ -81,7 +98,7 @@ def plot_pattern(pattern, ax=None, path=None, *, labels=None, colors=None, title
     the entry and ``c`` where pattern ``c`` (from 1) is the last that does.
     Needs matplotlib (``pip install 'efficient_attention[plot]'``).
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     pats = list(pattern) if isinstance(pattern, (list, tuple)) else [pattern]
@@ -97,7 +114,7 @@ def plot_pattern(pattern, ax=None, path=None, *, labels=None, colors=None, title
         raise ValueError(f"colors must give one colour per pattern ({len(pats)}), got {len(colors)}")
     if labels is not None and len(labels) != len(pats):
         raise ValueError(f"labels must give one label per pattern ({len(pats)}), got {len(labels)}")
-    layers = [P.to_image(p, max_size) for p in pats]
+    layers = [to_image(p, max_size) for p in pats]
     img = np.zeros(layers[0].shape, np.int64)
     for c, layer in enumerate(layers, start=1):               # later patterns on top
         img[layer] = c
@@ -129,138 +146,9 @@ def plot_pattern(pattern, ax=None, path=None, *, labels=None, colors=None, title
     return ax
 
 
-def hand_designed_figures(directory, n: int = 24) -> list:
-    """Draw chapter 1's pictures with :func:`plot_pattern` into ``directory`` as
-    ``01_*.png`` (the docs page shows them; ``notebooks/01_hand_designed_patterns.py``
-    draws them); returns the paths. Needs matplotlib."""
-    plt = _pyplot()
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-
-    def panels(name, items, width=2.6):
-        fig, axes = plt.subplots(1, len(items), figsize=(width * len(items) + 1.2, width + 0.6))
-        axes = np.atleast_1d(axes)
-        for ax, (title, pats, labels) in zip(axes, items):
-            plot_pattern(pats, ax=ax, labels=labels, title=title)
-        fig.tight_layout()
-        path = os.path.join(directory, f"01_{name}.png")
-        fig.savefig(path, dpi=72)
-        plt.close(fig)
-        paths.append(path)
-
-    w = 3
-    panels("local_strided", [
-        ("local, window 3", [P.local(n, w)], None),
-        ("local, causal", [P.local(n, w, causal=True)], None),
-        ("strided, stride 4", [P.strided(n, 4)], None),
-        ("strided, causal", [P.strided(n, 4, causal=True)], None),
-    ])
-    panels("global_random", [
-        ("global tokens 0, 12", [P.global_tokens(n, [0, n // 2])], None),
-        ("random, 3 per row", [P.random(n, 3, 0)], None),
-    ])
-    panels("longformer", [
-        ("Longformer", [P.local(n, w), P.global_tokens(n, [0])], ["window", "global"]),
-        ("dilated (2)", [P.strided(n, 2, w), P.global_tokens(n, [0])], ["dilated window", "global"]),
-    ], width=3.0)
-    parts = P.bigbird_parts(32, 4, 1, 1, seed=1)
-    panels("bigbird", [
-        ("BigBird, blocks of 4", [parts["random"], parts["window"], parts["global"]],
-         ["random", "window", "global"]),
-    ], width=3.4)
-    panels("per_head", [
-        ("head 0: local", [P.local(n, 2)], None),
-        ("head 1: strided", [P.strided(n, 5, causal=False)], None),
-        ("head 2: global", [P.global_tokens(n, [0])], None),
-        ("head 3: random", [P.random(n, 2, 0)], None),
-    ])
-    return paths
 
 
-# --------------------------------------------------------------------------- clustered patterns (chapter 2)
 
-def _clustered_queries(n, d, n_clusters, seed):
-    """Queries around ``n_clusters`` random directions (the pictures' data: clear buckets)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((n_clusters, d))
-    return centers[rng.integers(0, n_clusters, n)] + 0.35 * rng.standard_normal((n, d))
-
-
-def _pattern_image(pattern, label_rows, order=None):
-    """Entries coloured by the row's label (1 + label), 0 where not allowed; rows and
-    columns permuted by ``order`` when given."""
-    dense = pattern.toarray()
-    img = np.where(dense, 1 + label_rows[:, None], 0)
-    if order is not None:
-        img = img[np.ix_(order, order)]
-    return img
-
-
-def clustered_figures(directory, n: int = 48, seed: int = 0) -> list:
-    """Draw chapter 2's pictures of LSH and routing attention (``02_lsh_sorting.png``,
-    ``02_lsh_rounds.png``, ``02_routing.png``) into ``directory``; the docs page shows
-    them and ``notebooks/02_clustered_patterns.py`` draws them. Needs matplotlib.
-    Returns the paths."""
-    plt = _pyplot()
-    from matplotlib.colors import ListedColormap
-    os.makedirs(directory, exist_ok=True)
-    cmap = ListedColormap(["white"] + [plt.get_cmap("tab10")(i) for i in range(10)] * 4)
-    paths = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        path = os.path.join(directory, name)
-        fig.savefig(path, dpi=64)
-        plt.close(fig)
-        paths.append(path)
-
-    def show(ax, img, title):
-        ax.imshow(img, cmap=cmap, vmin=0, vmax=cmap.N - 1, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-    q = _clustered_queries(n, 8, 4, seed)
-    chunk, n_buckets = 6, 8
-    exact = LSHAttention(n_buckets, chunk_size=None, seed=seed)
-    chunked = LSHAttention(n_buckets, chunk_size=chunk, seed=seed)
-    b = exact.buckets(q)[0]
-    order = np.argsort(b, kind="stable")
-    fig, axes = plt.subplots(1, 4, figsize=(11, 3.6))
-    show(axes[0], _pattern_image(exact.pattern(q), b), "buckets, original order")
-    show(axes[1], _pattern_image(exact.pattern(q), b, order), "buckets, sorted by (bucket, i)")
-    img = _pattern_image(chunked.pattern(q), b, order)
-    show(axes[2], img, f"chunks of {chunk} + previous chunk,\nsame bucket (sorted)")
-    for c in range(1, -(-n // chunk)):
-        for ax in axes[2:3]:
-            ax.axhline(c * chunk - 0.5, color="0.7", lw=0.5)
-            ax.axvline(c * chunk - 0.5, color="0.7", lw=0.5)
-    show(axes[3], _pattern_image(chunked.pattern(q), b), "chunked, original order")
-    save(fig, "02_lsh_sorting.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
-    for ax, rounds in zip(axes, (1, 2, 4)):
-        core = LSHAttention(n_buckets, n_hashes=rounds, chunk_size=chunk, seed=seed)
-        pat = core.pattern(q)
-        show(ax, _pattern_image(pat, np.zeros(n, np.int64)),
-             f"{rounds} round{'s' if rounds > 1 else ''}: {pat.nnz / n:.1f} keys/query")
-    save(fig, "02_lsh_rounds.png")
-
-    centroids = np.random.default_rng(seed + 1).standard_normal((4, 8))
-    exact_r = RoutingAttention(centroids)
-    topk = RoutingAttention(centroids, top_k=n // 4)
-    cq = exact_r.assign(q)
-    order_r = np.argsort(cq, kind="stable")
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
-    show(axes[0], _pattern_image(exact_r.pattern(q, q), cq), "routing, original order")
-    show(axes[1], _pattern_image(exact_r.pattern(q, q), cq, order_r), "sorted by cluster")
-    show(axes[2], _pattern_image(topk.pattern(q, q), cq, order_r),
-         f"balanced: top {n // 4} per centroid")
-    save(fig, "02_routing.png")
-    return paths
-
-
-# --------------------------------------------------------------------------- learned patterns (chapter 2)
 
 def plot_sort_matrix(p, ax=None, partner=None, title=None):
     """Draw Sparse Sinkhorn's sort matrix ``P`` (rows: query blocks ``c``, columns:
@@ -281,7 +169,7 @@ def plot_sort_matrix(p, ax=None, partner=None, title=None):
     -------
     The matplotlib ``Axes``. Needs matplotlib (``pip install 'efficient_attention[plot]'``).
     """
-    plt = _pyplot()
+    plt = pyplot()
     p = np.asarray(p)
     if p.ndim != 2:
         raise ValueError(f"p must be a 2-D array (query blocks, key blocks), got shape {p.shape}")
@@ -303,12 +191,12 @@ def plot_sort_matrix(p, ax=None, partner=None, title=None):
     return ax
 
 
-def plot_tiles(mask: BlockMask, ax=None, path=None, *, title=None, head: int = 0, max_size: int = 256):
+def plot_tiles(mask, ax=None, path=None, *, title=None, head: int = 0, max_size: int = 256):
     """Draw the tile layout of a :class:`~efficient_attention.BlockMask` (slice ``head``) as the
     engine computes it (:meth:`~efficient_attention.BlockMask.tile_map`): skipped tiles white,
     full tiles blue, partial tiles orange, thin tiles computed pair by pair red, the allowed
     entries dark on top. Returns the Axes; ``path`` saves the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     n, m = mask.shape[-2:]
@@ -344,29 +232,4 @@ def plot_tiles(mask: BlockMask, ax=None, path=None, *, title=None, head: int = 0
         fig.savefig(path, dpi=80, bbox_inches="tight")
     return ax
 
-
-def engine_figures(directory, n: int = 1024) -> list:
-    """Draw the tile pictures of chapter 1's section "one engine, many masks" into ``directory``
-    (``01_engine_tiles.png``: Longformer, BigBird and a causal document mask); returns the paths."""
-    plt = _pyplot()
-    os.makedirs(directory, exist_ok=True)
-    bounds = (np.array([0, 0.22, 0.30, 0.60, 0.65, 0.85, 1.0]) * n).astype(int)      # 6 documents
-    docs = np.repeat(np.arange(6), np.diff(bounds))
-
-    def document(b, h, q_idx, kv_idx):
-        return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx)
-    masks = [("Longformer: window 64, tokens 0 and N/2",
-              BlockMask.from_pattern(P.longformer(n, 64, [0, n // 2]))),
-             ("BigBird: blocks of 64, 2 random, 1 global",
-              BlockMask.from_pattern(P.bigbird(n, 64, 2, 1, seed=3))),
-             ("documents, causal (a mask_mod)", BlockMask.from_mask_mod(document, n))]
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 4.0))
-    for ax, (title, mask) in zip(axes, masks):
-        plot_tiles(mask, ax=ax, title=f"{title}\n{mask.block_size[0]}×{mask.block_size[1]} tiles, "
-                                      f"density {mask.density:.2f}")
-    fig.tight_layout()
-    path = os.path.join(directory, "01_engine_tiles.png")
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    return [path]
 

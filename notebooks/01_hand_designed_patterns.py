@@ -30,7 +30,7 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention import patterns as P
 from efficient_attention.bench import median_time
-from efficient_attention.plot import hand_designed_figures
+from efficient_attention.figures import hand_designed_figures
 from efficient_attention.sparse import GlobalAttention, SparseAttention
 from efficient_attention.testing import assert_attention_close
 
@@ -55,7 +55,7 @@ for name, pat in [("local(12, 2)", P.local(12, 2)),
 # ## The pictures
 # `patterns.plot` (the same as `efficient_attention.plot.plot_pattern`) draws a
 # pattern (or several, one colour each) the way the lecture does;
-# `efficient_attention.plot.hand_designed_figures` draws the pictures of the docs page.
+# `efficient_attention.figures.hand_designed_figures` draws the pictures of the docs page.
 
 # %%
 here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
@@ -145,7 +145,7 @@ for n in sizes:
 # `mask_mod` (here: documents, causal) or nothing (dense), and equals the dense oracle.
 
 # %%
-from efficient_attention.plot import engine_figures  # noqa: E402
+from efficient_attention.figures import engine_figures  # noqa: E402
 
 for path in engine_figures(img_dir):
     print("drew", path)

@@ -34,7 +34,7 @@ import efficient_attention as ea
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
 from efficient_attention.lsh import LSHAttention, hash_buckets
-from efficient_attention.plot import clustered_figures
+from efficient_attention.figures import clustered_figures
 from efficient_attention.routing import RoutingAttention, kmeans_update
 
 FULL = os.environ.get("EA_FULL") == "1"

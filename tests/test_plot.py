@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from efficient_attention import patterns as P
-from efficient_attention import plot
+from efficient_attention import figures, plot
 from efficient_attention.lsh import LSHAttention
 from efficient_attention.routing import RoutingAttention
 
@@ -61,30 +61,25 @@ def _imports(path):
     return anywhere, toplevel
 
 
-def _is_plot(name):
-    return name == "efficient_attention.plot" or name.startswith("efficient_attention.plot.")
-
-
 def test_only_the_plot_module_draws():
-    """No module but plot.py imports matplotlib, even inside a function; no module imports
-    plot at its top level (plot imports the chapters: dependencies run one way), and only
-    the documented alias ``patterns.plot`` imports it at all."""
+    """No module but plot.py and figures.py imports matplotlib (inside their functions); plot.py
+    imports no chapter (it draws what it is given, so that chapters may use it without a cycle:
+    patterns.plot is plot_pattern), and figures.py, which builds the chapters' figures, is
+    imported by no module of the package."""
     files = sorted(PACKAGE.rglob("*.py"))
     assert PACKAGE / "plot.py" in files and PACKAGE / "config.py" in files and PACKAGE / "kernels" / "band.py" in files
-    importers = []
     for path in files:
         anywhere, toplevel = _imports(path)
-        if path.name != "plot.py":
+        if path.name not in ("plot.py", "figures.py"):
             assert not any(name.split(".")[0] == "matplotlib" for name in anywhere), path
-        assert not any(_is_plot(name) for name in toplevel), path
-        if any(_is_plot(name) for name in anywhere):
-            importers.append(path.name)
-    assert importers == ["patterns.py"]
-    # the check sees what it must: plot.py's own imports, patterns' call-time import
+        assert path.name == "figures.py" or not any(
+            n == "efficient_attention.figures" or n.startswith("efficient_attention.figures.") for n in anywhere), path
     anywhere, toplevel = _imports(PACKAGE / "plot.py")
     assert "matplotlib.pyplot" in anywhere and "matplotlib.pyplot" not in toplevel
-    assert "efficient_attention.patterns" in toplevel and "efficient_attention.lsh.LSHAttention" in toplevel
-    assert "efficient_attention.plot.plot_pattern" in _imports(PACKAGE / "patterns.py")[0]
+    package_imports = {n for n in anywhere if n.startswith("efficient_attention.")}
+    assert package_imports <= {"efficient_attention.validate", "efficient_attention.validate.check_csr",
+                               "efficient_attention.validate.check_int"}, package_imports
+    assert "efficient_attention.plot.plot_pattern" in _imports(PACKAGE / "patterns.py")[1]
 
 
 # --------------------------------------------------------------------------- matplotlib is optional
@@ -93,8 +88,8 @@ def test_only_the_plot_module_draws():
     lambda tmp: plot.plot_pattern(P.local(4, 1)),
     lambda tmp: P.plot(P.local(4, 1)),
     lambda tmp: plot.plot_sort_matrix(np.eye(3)),
-    lambda tmp: plot.hand_designed_figures(tmp),
-    lambda tmp: plot.clustered_figures(tmp),
+    lambda tmp: figures.hand_designed_figures(tmp),
+    lambda tmp: figures.clustered_figures(tmp),
 ], ids=["plot_pattern", "patterns.plot", "plot_sort_matrix", "hand_designed_figures", "clustered_figures"])
 def test_missing_matplotlib_names_the_extra(draw, monkeypatch, tmp_path):
     for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
@@ -189,7 +184,7 @@ def kept_figures(plt, monkeypatch):
 def test_hand_designed_figures(tmp_path, kept_figures):
     names = ["01_local_strided.png", "01_global_random.png", "01_longformer.png", "01_bigbird.png",
              "01_per_head.png"]
-    paths = plot.hand_designed_figures(tmp_path / "img", n=24)
+    paths = figures.hand_designed_figures(tmp_path / "img", n=24)
     assert [pathlib.Path(p).name for p in paths] == names
     assert all(pathlib.Path(p).stat().st_size > 0 for p in paths)
     assert [len(fig.axes) for fig in kept_figures] == [4, 2, 2, 1, 4]
@@ -206,11 +201,11 @@ def test_hand_designed_figures(tmp_path, kept_figures):
 
 
 def test_clustered_figures(tmp_path, kept_figures):
-    paths = plot.clustered_figures(tmp_path, n=48, seed=0)
+    paths = figures.clustered_figures(tmp_path, n=48, seed=0)
     assert [pathlib.Path(p).name for p in paths] == ["02_lsh_sorting.png", "02_lsh_rounds.png", "02_routing.png"]
     assert all(pathlib.Path(p).stat().st_size > 0 for p in paths)
     assert [len(fig.axes) for fig in kept_figures] == [4, 3, 3]
-    q = plot._clustered_queries(48, 8, 4, 0)
+    q = figures._clustered_queries(48, 8, 4, 0)
     exact = LSHAttention(8, chunk_size=None, seed=0)
     buckets = exact.buckets(q)[0]
     order = np.argsort(buckets, kind="stable")
