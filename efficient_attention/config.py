@@ -61,7 +61,7 @@ kernels (``kernels/elu.py``, ``CHUNK``) and the prefetch distance of the causal
 scan (``kernels/linear.py``, ``REVERSE_PREFETCH``). Changing them means editing
 the source (numba recompiles it).
 
-**numba options.** Every kernel takes its ``@njit`` keyword arguments from one of
+**numba options.** Every kernel takes its ``numba.njit`` keyword arguments from one of
 :data:`JIT`, :data:`JIT_PARALLEL`, :data:`JIT_CONTRACT`, :data:`JIT_PLAIN`
 below (one Python function per jit configuration: ``cache=True`` variants of
 one function share a cache entry). fastmath flags never include ``nnan`` or
@@ -280,7 +280,7 @@ def numba_can_cache() -> tuple[bool, str]:
     ``kernels/`` directory (every kernel lives there), else ``(False, numba's reason)``.
 
     It runs numba's own search (:class:`numba.core.caching.FunctionCache`, what
-    ``@njit(cache=True)`` does for each function), so it follows ``NUMBA_CACHE_DIR``,
+    ``njit(cache=True)`` does for each function), so it follows ``NUMBA_CACHE_DIR``,
     the in-tree ``__pycache__`` and the user-wide directory exactly as numba does,
     including numba's own write test (it creates the directory if missing and a
     temporary file in it). Under ``NUMBA_DISABLE_JIT=1`` nothing is compiled and the
