@@ -168,11 +168,31 @@ class FeatureMap:
 
 
 # --------------------------------------------------------------------------- elu + 1
+class _UnshiftedMap(FeatureMap):
+    """A map whose features cannot overflow (no log-scale): ``forward`` checks ``x`` and calls
+    ``_phi(x) -> (phi, cache)``; ``stable_forward`` calls it unchecked, with log-scale None."""
+
+    @finite_policy
+    def forward(self, x, *, check_finite: bool = True):
+        x = _check_x(x)
+        self.check_width(x.shape[-1])
+        if check_finite:
+            check_finite_array(x, "x")
+        return self._phi(x)
+
+    def stable_forward(self, x, shift):
+        phi, cache = self._phi(x)                  # no checks: linear attention has made them
+        return phi, None, cache
+
+    def _phi(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class _EluCache(NamedTuple):
     phi: np.ndarray      # (..., N, D); φ'(x) = min(φ, 1)
 
 
-class EluFeatureMap(FeatureMap):
+class EluFeatureMap(_UnshiftedMap):
     r"""``φ(x) = elu(x) + 1``: ``x + 1`` for ``x > 0``, ``eˣ`` otherwise (``F = D``).
 
     Katharopoulos et al. 2020, "Transformers are RNNs", arXiv:2006.16236, §3.2.
@@ -183,17 +203,6 @@ class EluFeatureMap(FeatureMap):
 
     def n_features(self, d):
         return int(d)
-
-    @finite_policy
-    def forward(self, x, *, check_finite: bool = True):
-        x = _check_x(x)
-        if check_finite:
-            check_finite_array(x, "x")
-        return self._phi(x)
-
-    def stable_forward(self, x, shift):
-        phi, cache = self._phi(x)                  # no checks: linear attention has made them
-        return phi, None, cache
 
     def _phi(self, x):
         if _elu_kernel_path(x):                                       # one pass (kernels/elu.py)
@@ -495,7 +504,7 @@ class _RffCache(NamedTuple):
     omega: np.ndarray    # (m, D) in the computation dtype
 
 
-class RandomFourierFeatureMap(FeatureMap):
+class RandomFourierFeatureMap(_UnshiftedMap):
     r"""Random Fourier features of the normalised input (random feature attention).
 
     .. math::
@@ -540,18 +549,6 @@ class RandomFourierFeatureMap(FeatureMap):
 
     def __repr__(self):
         return f"RandomFourierFeatureMap(omega=<{self.omega.shape[0]}x{self.omega.shape[1]}>)"
-
-    @finite_policy
-    def forward(self, x, *, check_finite: bool = True):
-        x = _check_x(x)
-        self.check_width(x.shape[-1])
-        if check_finite:
-            check_finite_array(x, "x")
-        return self._phi(x)
-
-    def stable_forward(self, x, shift):
-        phi, cache = self._phi(x)                      # no checks: linear attention has made them
-        return phi, None, cache
 
     def _phi(self, x):
         omega = self.omega.astype(x.dtype, copy=False)
