@@ -143,6 +143,15 @@ class FeatureMap:
     def backward(self, cache, dphi, *, check_finite: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _checked(self, x, check_finite: bool) -> np.ndarray:
+        """``x`` as a float array of a width this map takes (and finite, with ``check_finite``):
+        the checks of a public ``forward``, in one place."""
+        x = _check_x(x)
+        self.check_width(x.shape[-1])
+        if check_finite:
+            check_finite_array(x, "x")
+        return x
+
     def backward_consuming(self, cache, dphi):
         """``backward`` for a ``dphi`` the caller gives up: the result may be written over it
         (linear attention's ``dφ(Q)``, ``dφ(K)`` are temporaries; reusing them saves two
@@ -174,11 +183,7 @@ class _UnshiftedMap(FeatureMap):
 
     @finite_policy
     def forward(self, x, *, check_finite: bool = True):
-        x = _check_x(x)
-        self.check_width(x.shape[-1])
-        if check_finite:
-            check_finite_array(x, "x")
-        return self._phi(x)
+        return self._phi(self._checked(x, check_finite))
 
     def stable_forward(self, x, shift):
         phi, cache = self._phi(x)                  # no checks: linear attention has made them
@@ -360,11 +365,7 @@ class PerformerFeatureMap(FeatureMap):
     @finite_policy
     def forward(self, x, *, check_finite: bool = True):
         """Exact features ``φ(x)`` ``(..., N, F)`` (no stabiliser)."""
-        x = _check_x(x)
-        self.check_width(x.shape[-1])
-        if check_finite:
-            check_finite_array(x, "x")
-        return self._forward(x, None)[::2]
+        return self._forward(self._checked(x, check_finite), None)[::2]
 
     def _forward(self, x, shift):
         block = config.FEATURE_ROW_BLOCK
