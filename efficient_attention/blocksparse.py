@@ -325,6 +325,7 @@ class BlockMask:
         self._tile = tile
         self._tiles = np.ascontiguousarray(tiles, dtype=bool)
         self._transposed = None
+        self._box_cache = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -505,11 +506,9 @@ class BlockMask:
 
     def computed_pairs(self) -> int:
         """Scalar (query, key) pairs in the computed tiles, per mask slice on average (edge tiles
-        counted at their real size): the work of the engine, ``>= nnz`` of the mask."""
-        g, nqb, _ = self._grid
-        n, m = self._shape[-2:]
-        i = np.repeat(np.arange(g * nqb) % nqb, np.diff(self._indptr))
-        return int(_valid_counts(n, m, self._bq, self._bk, i, self._cols).sum()) // max(1, g)
+        counted at their real size, partial tiles at their bounding box's): the work of the
+        engine, ``>= nnz`` of the mask."""
+        return int(self._box_area().sum()) // max(1, self._grid[0])
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self._shape}, block_size={self.block_size}, density={self.density:.3g}, "
@@ -559,10 +558,12 @@ class BlockMask:
         return keys, inverse.reshape(-1), nqb2, nkb2
 
     def _coarse_pairs(self, fq: int, fk: int, per_block: bool = False):
-        """(query, key) pairs that the coarser layout ``(fq·b_q, fk·b_k)`` computes; with
-        ``per_block`` the computed and the allowed pairs of each of its blocks."""
+        """(query, key) pairs in the tiles of the coarser layout ``(fq·b_q, fk·b_k)`` (whole tiles:
+        what :func:`_chosen` weighs); with ``per_block`` those and the allowed pairs of each of
+        its blocks."""
         keys, inverse, nqb2, nkb2 = self._coarse_keys(fq, fk)
         n, m = self._shape[-2:]
+        # whole tiles, not their boxes: the tile sizes' costs (config.ENGINE_TILES) were measured so
         area = _valid_counts(n, m, self._bq * fq, self._bk * fk, keys // nkb2 % nqb2, keys % nkb2)
         if not per_block:
             return int(area.sum())
@@ -579,6 +580,40 @@ class BlockMask:
             out[part] = per_tile[blk.tile[part]]
         return out
 
+    def _boxes(self) -> np.ndarray:
+        """``(T, 4)`` int64: rows ``a0:a1`` and columns ``c0:c1`` of each partial tile's bounding
+        box (the kernels compute a partial tile on its box alone: a tile holding a global token's
+        column costs one column, not the tile)."""
+        if self._box_cache is None:
+            rows, cols = self._tiles.any(axis=2), self._tiles.any(axis=1)          # (T, b_q), (T, b_k)
+            boxes = np.zeros((self._tiles.shape[0], 4), np.int64)
+            for at, used in ((0, rows), (2, cols)):
+                some = used.any(axis=1)
+                boxes[:, at] = np.where(some, np.argmax(used, axis=1), 0)
+                boxes[:, at + 1] = np.where(some, used.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
+            self._box_cache = boxes
+        return self._box_cache
+
+    def _block_boxes(self):
+        """``(r0, r1, c0, c1)``, one entry per block: the rows and columns of the matrix its
+        computation covers (the block inside the matrix when full, its tile's box when partial)."""
+        blk = self._blocks()
+        n, m = self._shape[-2:]
+        i0, j0 = blk.i * self._bq, blk.j * self._bk
+        r0, r1 = i0.copy(), np.minimum(i0 + self._bq, n)
+        c0, c1 = j0.copy(), np.minimum(j0 + self._bk, m)
+        part = blk.tile >= 0
+        if part.any():
+            b = self._boxes()[blk.tile[part]]
+            r0[part], r1[part] = i0[part] + b[:, 0], np.minimum(i0[part] + b[:, 1], r1[part])
+            c0[part], c1[part] = j0[part] + b[:, 2], np.minimum(j0[part] + b[:, 3], c1[part])
+        return r0, np.maximum(r1, r0), c0, np.maximum(c1, c0)
+
+    def _box_area(self) -> np.ndarray:
+        """Pairs each block computes: its area inside the matrix, or its tile's box's."""
+        r0, r1, c0, c1 = self._block_boxes()
+        return (r1 - r0) * (c1 - c0)
+
     def _select(self, keep: np.ndarray) -> "BlockMask":
         """The mask made of the blocks where ``keep`` (one bool per block) holds."""
         blk = self._blocks()
@@ -588,11 +623,10 @@ class BlockMask:
 
     def _split_thin(self, tile_cost: float = 1.0):
         """``(tiles, thin)``: the blocks worth a tile, and the thin partial ones (``nnz ·
-        config.ENGINE_PAIR_COST < tile_cost · area``) to be computed pair by pair."""
+        config.ENGINE_PAIR_COST < tile_cost · area`` of their box) to be computed pair by pair."""
         blk = self._blocks()
-        n, m = self._shape[-2:]
-        area = _valid_counts(n, m, self._bq, self._bk, blk.i, blk.j)
-        thin = (blk.tile >= 0) & (self._block_nnz() * float(config.ENGINE_PAIR_COST) < area * float(tile_cost))
+        thin = (blk.tile >= 0) & (self._block_nnz() * float(config.ENGINE_PAIR_COST)
+                                  < self._box_area() * float(tile_cost))
         return self._select(~thin), self._select(thin)
 
     def _coarsen(self, fq: int, fk: int) -> "BlockMask":
@@ -904,7 +938,7 @@ def _forward(q, k, v, plan: _Plan, scale: float):
     bq, bk = bm.block_size
     with config.blas_threads_limited():
         _k.blocksparse_forward(q3, k3, v3, scale, slice_of, bm._indptr, bm._cols, bm._tile, bm._tiles,
-                               bq, bk, out, lse)
+                               bm._boxes(), bq, bk, out, lse)
     if plan.pairs is not None:                                              # thin blocks, pair by pair
         indptr, indices, _, _ = _pairs_for(plan.pairs, slice_of)
         out_p, lse_p = np.empty_like(out), np.empty_like(lse)
@@ -931,13 +965,13 @@ def _backward(cache: _BlockSparseCache, dout, fused: bool | None = None):
     with config.blas_threads_limited():
         if fused:
             _k.blocksparse_backward(q, k, v, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
-                                    bm._tile, bm._tiles, bq, bk, dq, dk, dv)
+                                    bm._tile, bm._tiles, bm._boxes(), bq, bk, dq, dk, dv)
         else:
             tindptr, trows, ttile = bm._transposed_layout()
             _k.blocksparse_backward_dq(q, k, v, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
-                                       bm._tile, bm._tiles, bq, bk, dq)
+                                       bm._tile, bm._tiles, bm._boxes(), bq, bk, dq)
             _k.blocksparse_backward_dkdv(q, k, v, dout3, lse, delta, scale, slice_of, tindptr, trows, ttile,
-                                         bm._tiles, bq, bk, dk, dv)
+                                         bm._tiles, bm._boxes(), bq, bk, dk, dv)
     if plan.pairs is not None:                     # the thin pairs: same ℓ and δ, gradients add up
         indptr, indices, tptr, tind = _pairs_for(plan.pairs, slice_of)
         dq_p, dk_p, dv_p = np.empty_like(q), np.empty_like(k), np.empty_like(v)

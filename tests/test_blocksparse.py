@@ -408,7 +408,7 @@ def test_memory_is_linear_in_n():
 
 def _layout_args(bm, lead):
     slice_of = B._slice_map(bm.shape[:-2], lead)
-    return slice_of, bm._indptr, bm._cols, bm._tile, bm._tiles
+    return slice_of, bm._indptr, bm._cols, bm._tile, bm._tiles, bm._boxes()
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -419,12 +419,13 @@ def test_kernels_match_numpy_references(dtype, block_size):
     bm = BlockMask.from_pattern(pat, block_size) | BlockMask.from_mask_mod(
         lambda b, h, qi, ki: ki <= qi - 20 * h, n, m, heads=2, block_size=block_size)
     q, k, v = (a.astype(dtype).reshape((-1,) + a.shape[-2:]) for a in _qkv((3, 2), n, m, seed=10))
-    slice_of, indptr, cols, tile, tiles = _layout_args(bm, (3, 2))
+    slice_of, indptr, cols, tile, tiles, boxes = _layout_args(bm, (3, 2))
     bq, bk = block_size
     out = np.empty(q.shape[:2] + (v.shape[2],), dtype)
     lse = np.empty(q.shape[:2], dtype)
-    K.blocksparse_forward(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, bq, bk, out, lse)
-    ref_out, ref_lse = K.blocksparse_forward_reference(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, bq, bk)
+    K.blocksparse_forward(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk, out, lse)
+    ref_out, ref_lse = K.blocksparse_forward_reference(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
+                                                       bq, bk)
     assert_attention_close(out, ref_out, dtype)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     fin = np.isfinite(ref_lse)
@@ -432,14 +433,16 @@ def test_kernels_match_numpy_references(dtype, block_size):
     dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
     delta = np.einsum("bnd,bnd->bn", dout, out)
     refs = K.blocksparse_backward_reference(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles,
-                                            bq, bk)
+                                            boxes, bq, bk)
     fused = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
-    K.blocksparse_backward(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, bq, bk, *fused)
+    K.blocksparse_backward(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
+                           *fused)
     split = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
     tindptr, trows, ttile = bm._transposed_layout()
-    K.blocksparse_backward_dq(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, bq, bk, split[0])
-    K.blocksparse_backward_dkdv(q, k, v, dout, lse, delta, 0.4, slice_of, tindptr, trows, ttile, tiles, bq, bk,
-                                split[1], split[2])
+    K.blocksparse_backward_dq(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
+                              split[0])
+    K.blocksparse_backward_dkdv(q, k, v, dout, lse, delta, 0.4, slice_of, tindptr, trows, ttile, tiles, boxes,
+                                bq, bk, split[1], split[2])
     for a, b, c in zip(fused, split, refs):
         assert_attention_close(a, c, dtype, kind="grad")
         np.testing.assert_array_equal(a, b)                               # the two schemes: same bits
@@ -450,11 +453,11 @@ def test_kernels_python_path_matches_compiled():
     n, m = 20, 17
     bm = BlockMask.from_pattern(P.random(n, 5, 0, m=m), (8, 4))
     q, k, v = (a.reshape((-1,) + a.shape[-2:]) for a in _qkv((2,), n, m, seed=11))
-    slice_of, indptr, cols, tile, tiles = _layout_args(bm, (2,))
+    slice_of, indptr, cols, tile, tiles, boxes = _layout_args(bm, (2,))
     outs = []
     for f in (K.blocksparse_forward, K.blocksparse_forward.py_func):
         out, lse = np.empty(q.shape[:2] + (v.shape[2],)), np.empty(q.shape[:2])
-        f(q, k, v, 0.5, slice_of, indptr, cols, tile, tiles, 8, 4, out, lse)
+        f(q, k, v, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, out, lse)
         outs.append((out, lse))
     assert_attention_close(outs[1][0], outs[0][0], np.float64)
     dout = np.ones_like(outs[0][0])
@@ -462,7 +465,7 @@ def test_kernels_python_path_matches_compiled():
     grads = []
     for f in (K.blocksparse_backward, K.blocksparse_backward.py_func):
         g = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
-        f(q, k, v, dout, outs[0][1], delta, 0.5, slice_of, indptr, cols, tile, tiles, 8, 4, *g)
+        f(q, k, v, dout, outs[0][1], delta, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, *g)
         grads.append(g)
     for a, b in zip(*grads):
         assert_attention_close(b, a, np.float64, kind="grad")
@@ -542,7 +545,10 @@ def test_coarsened_layout_equals_direct_build():
                 direct = BlockMask.from_pattern(pat, (fine[0] * fq, fine[1] * fk))
                 for a in ("_indptr", "_cols", "_tile", "_tiles"):
                     np.testing.assert_array_equal(getattr(coarse, a), getattr(direct, a), err_msg=name)
-                assert bm._coarse_pairs(fq, fk) == direct.computed_pairs()
+                blk = direct._blocks()
+                whole = B._valid_counts(*pat.shape, *direct.block_size, blk.i, blk.j).sum()
+                assert bm._coarse_pairs(fq, fk) == whole
+                assert direct.computed_pairs() <= whole                  # partial tiles on their boxes
 
 
 def test_default_tiles_are_chosen_per_mask():
@@ -554,14 +560,46 @@ def test_default_tiles_are_chosen_per_mask():
                                   P.longformer(500, 30, [0, 250]).toarray())
 
 
+def test_partial_tiles_are_computed_on_their_bounding_boxes():
+    """A global token's column is a box one key wide: computed as a tile (not pair by pair), the
+    engine's work is the box, and the result equals the dense oracle."""
+    n = 512
+    pat = P.longformer(n, 32, [0, 1])
+    bm = BlockMask.from_pattern(pat, (64, 64))
+    boxes = bm._boxes()
+    for t in range(bm._tiles.shape[0]):                        # each box holds its tile's True entries
+        a0, a1, c0, c1 = boxes[t]
+        inside = np.zeros(bm._tiles.shape[1:], bool)
+        inside[a0:a1, c0:c1] = True
+        assert not (bm._tiles[t] & ~inside).any()
+        assert bm._tiles[t, a0, c0:c1].any() and bm._tiles[t, a1 - 1, c0:c1].any()      # and is tight
+        assert bm._tiles[t, a0:a1, c0].any() and bm._tiles[t, a0:a1, c1 - 1].any()
+    blk = bm._blocks()
+    away = np.abs(blk.i - blk.j) > 1                            # only global rows or columns there
+    assert away.sum() == 2 * (n // 64 - 2)
+    np.testing.assert_array_equal(bm._box_area()[away], bm._block_nnz()[away])      # 2 x 64: no waste
+    tiles, thin = bm._split_thin()
+    thin_blocks = set(zip(thin._blocks().i.tolist(), thin._blocks().j.tolist()))
+    assert thin_blocks <= {(0, 1), (1, 0)}                       # where a global row meets the window
+    q, k, v = _qkv((2,), n, n, seed=3)
+    dout = np.random.default_rng(4).standard_normal(v.shape)
+    out, cache = BlockSparseAttention(bm).forward(q, k, v)
+    g = BlockSparseAttention(bm).backward(cache, dout)
+    ref_out, ref_cache = ea.DenseAttention().forward(q, k, v, mask=pat.toarray())
+    ref = ea.DenseAttention().backward(ref_cache, dout)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
+    for a, b in zip(g[:3], ref[:3]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
 def test_thin_blocks_go_pair_by_pair():
     n = 600
-    pat = P.longformer(n, 40, [0, 300])
+    pat = (P.local(n, 40) + P.random(n, 2, 5)).astype(bool)     # a window and 2 random keys per row
     core = BlockSparseAttention(BlockMask.from_pattern(pat, 64))
     mask, tiles, pairs = core.plan(n)
     assert pairs is not None and tiles.n_blocks < mask.n_blocks
     thin = pairs[0][0, -1]                                        # pairs split off
-    assert 0 < thin < 4 * n
+    assert 0 < thin <= 2 * n
     np.testing.assert_array_equal(tiles.to_dense() | sp.csr_array((np.ones(pairs[1].size, bool), pairs[1],
                                                                    pairs[0][0]), shape=(n, n)).toarray(),
                                   pat.toarray())

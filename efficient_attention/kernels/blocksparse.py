@@ -222,13 +222,23 @@ def _scaled_rows(x, bh, i0, rq, scale, out):
 
 
 @njit(**JIT)
-def _mask_tile(s, rq, ck, tiles, tid):
-    """``s[a, c] = -inf`` where the partial tile ``tiles[tid]`` is False."""
+def _box(boxes, tid, rq, ck):
+    """``(a0, a1, c0, c1)``: the rows ``a0:a1`` and columns ``c0:c1`` of a ``(rq, ck)`` block that
+    hold its allowed pairs: the whole block when full (``tid < 0``), else the bounding box of the
+    partial tile ``tid`` cut to the block (empty when ``a1 <= a0`` or ``c1 <= c0``)."""
+    if tid < 0:
+        return 0, rq, 0, ck
+    return boxes[tid, 0], min(boxes[tid, 1], rq), boxes[tid, 2], min(boxes[tid, 3], ck)
+
+
+@njit(**JIT)
+def _mask_tile(s, ra, cc, tiles, tid, a0, c0):
+    """``s[a, c] = -inf`` where the partial tile ``tiles[tid]`` is False at ``(a0 + a, c0 + c)``."""
     if tid < 0:
         return
-    for a in range(rq):
-        for c in range(ck):
-            s[a, c] = s[a, c] if tiles[tid, a, c] else -np.inf
+    for a in range(ra):
+        for c in range(cc):
+            s[a, c] = s[a, c] if tiles[tid, a0 + a, c0 + c] else -np.inf
 
 
 @njit(**JIT)
@@ -256,8 +266,9 @@ def _dsoftmax(p, dp, rq, ck, delta, bh, i0):
 # forward
 
 @njit(**JIT_PARALLEL)
-def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq, bk, out, lse):
-    """``out (BH, N, Dv)`` and ``lse (BH, N)`` of softmax attention over the tile layout."""
+def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk, out, lse):
+    """``out (BH, N, Dv)`` and ``lse (BH, N)`` of softmax attention over the tile layout (a
+    partial tile computed on its bounding box ``boxes[tid]`` alone)."""
     BH, N, D = q.shape
     M = k.shape[1]
     Dv = v.shape[2]
@@ -277,27 +288,31 @@ def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq,
         work = np.empty(bk, np.float64)
         for e in range(indptr[r], indptr[r + 1]):
             j0 = cols[e] * bk
-            ck = min(bk, M - j0)
-            sv = s[:, :ck]
-            gemm(qs, k[bh, j0:j0 + ck], sv, 1.0, 0.0, False, True)   # S = s Q_I K_Jᵀ
-            _mask_tile(s, rq, ck, tiles, tile[e])
-            for a in range(rq):
-                m_old = m_run[a]
-                m_new = max(m_old, row_max(s, a, ck))              # m' = max(m, rowmax S)
+            a0, a1, c0, c1 = _box(boxes, tile[e], rq, min(bk, M - j0))
+            if a1 <= a0 or c1 <= c0:
+                continue
+            ra, cc = a1 - a0, c1 - c0                              # rows, columns of the box
+            sv = s[:ra, :cc]
+            gemm(qs[a0:a1], k[bh, j0 + c0:j0 + c1], sv, 1.0, 0.0, False, True)   # S = s Q_I K_Jᵀ
+            _mask_tile(s, ra, cc, tiles, tile[e], a0, c0)
+            for a in range(ra):
+                row = a0 + a
+                m_old = m_run[row]
+                m_new = max(m_old, row_max(s, a, cc))              # m' = max(m, rowmax S)
                 if m_new == -np.inf:                               # no allowed key yet
-                    for c in range(ck):
+                    for c in range(cc):
                         s[a, c] = 0.0
                     continue
-                total = exp_sum_row(s, a, ck, m_new, work)         # P = e^(S - m'), rowsum P
+                total = exp_sum_row(s, a, cc, m_new, work)         # P = e^(S - m'), rowsum P
                 if m_old != m_new:
                     alpha = np.exp(m_old - m_new)                  # e^(m - m'), 0 on the first key
-                    l_run[a] = alpha * l_run[a] + total
+                    l_run[row] = alpha * l_run[row] + total
                     for c in range(Dv):
-                        acc[a, c] *= alpha
-                    m_run[a] = m_new
+                        acc[row, c] *= alpha
+                    m_run[row] = m_new
                 else:
-                    l_run[a] += total
-            gemm(sv, v[bh, j0:j0 + ck], acc, 1.0, 1.0, False, False)  # Õ += P V_J
+                    l_run[row] += total
+            gemm(sv, v[bh, j0 + c0:j0 + c1], acc[a0:a1], 1.0, 1.0, False, False)  # Õ += P V_J
         for a in range(rq):
             if l_run[a] > 0:
                 inv = 1.0 / l_run[a]
@@ -310,13 +325,17 @@ def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq,
                 lse[bh, i0 + a] = -np.inf
 
 
-def _ref_tile(tiles, tid, rq, ck):
-    """The boolean tile of a block (all True when full), cut to ``(rq, ck)``."""
-    return np.ones((rq, ck), bool) if tid < 0 else tiles[tid, :rq, :ck]
+def _ref_box(tiles, boxes, tid, i0, j0, rq, ck):
+    """Rows and columns (slices of q and k) of a block's box, and its boolean tile there."""
+    a0, a1, c0, c1 = (0, rq, 0, ck) if tid < 0 else (boxes[tid, 0], min(boxes[tid, 1], rq), boxes[tid, 2],
+                                                     min(boxes[tid, 3], ck))
+    a1, c1 = max(a0, a1), max(c0, c1)
+    allowed = np.ones((a1 - a0, c1 - c0), bool) if tid < 0 else tiles[tid, a0:a1, c0:c1]
+    return slice(i0 + a0, i0 + a1), slice(j0 + c0, j0 + c1), allowed
 
 
-def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq, bk):
-    """NumPy: the same tiled online softmax, one query tile and one key tile at a time."""
+def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk):
+    """NumPy: the same tiled online softmax, one query tile and one key tile's box at a time."""
     BH, N, _ = q.shape
     M = k.shape[1]
     nqb = -(-N // bq)
@@ -325,22 +344,27 @@ def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, 
     for bh in range(BH):
         for ti in range(nqb):
             r = slice_of[bh] * nqb + ti
-            rows = slice(ti * bq, min(N, ti * bq + bq))
-            qs = scale * q[bh, rows]
-            m_run = np.full(qs.shape[0], -np.inf)
-            l_run = np.zeros(qs.shape[0])
-            acc = np.zeros((qs.shape[0], v.shape[2]))
+            i0 = ti * bq
+            rows = slice(i0, min(N, i0 + bq))
+            rq = rows.stop - i0
+            m_run = np.full(rq, -np.inf)
+            l_run = np.zeros(rq)
+            acc = np.zeros((rq, v.shape[2]))
             for e in range(indptr[r], indptr[r + 1]):
-                keys = slice(cols[e] * bk, min(M, cols[e] * bk + bk))
-                s = qs @ k[bh, keys].T                                         # S       (bq, bk)
-                s = np.where(_ref_tile(tiles, tile[e], *s.shape), s, -np.inf)
-                m_new = np.maximum(m_run, s.max(axis=1))                       # m'
+                j0 = cols[e] * bk
+                box_rows, keys, allowed = _ref_box(tiles, boxes, tile[e], i0, j0, rq, min(bk, M - j0))
+                if allowed.size == 0:
+                    continue
+                b = slice(box_rows.start - i0, box_rows.stop - i0)             # the box's rows in the tile
+                s = scale * q[bh, box_rows] @ k[bh, keys].T                    # S on the box
+                s = np.where(allowed, s, -np.inf)
+                m_new = np.maximum(m_run[b], s.max(axis=1))                    # m'
                 safe = np.where(np.isneginf(m_new), 0.0, m_new)
                 p = np.exp(s - safe[:, None])                                  # e^(S - m')
-                alpha = np.exp(m_run - safe)                                   # e^(m - m')
-                l_run = alpha * l_run + p.sum(axis=1)
-                acc = alpha[:, None] * acc + p @ v[bh, keys]
-                m_run = m_new
+                alpha = np.exp(m_run[b] - safe)                                # e^(m - m')
+                l_run[b] = alpha * l_run[b] + p.sum(axis=1)
+                acc[b] = alpha[:, None] * acc[b] + p @ v[bh, keys]
+                m_run[b] = m_new
             seen = l_run > 0
             out[bh, rows][seen] = (acc[seen] / l_run[seen, None]).astype(q.dtype)
             lse[bh, rows][seen] = (m_run[seen] + np.log(l_run[seen])).astype(q.dtype)
@@ -351,28 +375,33 @@ def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, 
 # backward
 
 @njit(**JIT)
-def _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, tid, qs, s, dp, work,
+def _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes, tid, qs, s, dp, work,
                     dq_acc, dk, dv, with_dq, with_dkdv):
-    """One (query tile, key tile) block of the backward: ``dq_acc += dS K_J`` and/or
-    ``dK_J += dSᵀ (s Q_I)``, ``dV_J += Pᵀ dO_I``."""
-    sv = s[:rq, :ck]
-    dpv = dp[:rq, :ck]
-    gemm(qs, k[bh, j0:j0 + ck], sv, 1.0, 0.0, False, True)         # S = s Q_I K_Jᵀ
-    _mask_tile(s, rq, ck, tiles, tid)
-    _probs(s, rq, ck, lse, bh, i0, work)                           # P = e^(S - ℓ)
-    do = dout[bh, i0:i0 + rq]
+    """One (query tile, key tile) block of the backward, on the block's box (rows ``I``, keys
+    ``J``): ``dq_acc[I] += dS K_J`` and/or ``dK_J += dSᵀ (s Q_I)``, ``dV_J += Pᵀ dO_I``."""
+    a0, a1, c0, c1 = _box(boxes, tid, rq, ck)
+    if a1 <= a0 or c1 <= c0:
+        return
+    ra, cc = a1 - a0, c1 - c0
+    sv = s[:ra, :cc]
+    dpv = dp[:ra, :cc]
+    keys = k[bh, j0 + c0:j0 + c1]
+    gemm(qs[a0:a1], keys, sv, 1.0, 0.0, False, True)               # S = s Q_I K_Jᵀ
+    _mask_tile(s, ra, cc, tiles, tid, a0, c0)
+    _probs(s, ra, cc, lse, bh, i0 + a0, work)                      # P = e^(S - ℓ)
+    do = dout[bh, i0 + a0:i0 + a1]
     if with_dkdv:
-        gemm(sv, do, dv[bh, j0:j0 + ck], 1.0, 1.0, True, False)    # dV_J += Pᵀ dO_I
-    gemm(do, v[bh, j0:j0 + ck], dpv, 1.0, 0.0, False, True)        # dP = dO_I V_Jᵀ
-    _dsoftmax(s, dp, rq, ck, delta, bh, i0)                        # dS = P ⊙ (dP - δ)
+        gemm(sv, do, dv[bh, j0 + c0:j0 + c1], 1.0, 1.0, True, False)   # dV_J += Pᵀ dO_I
+    gemm(do, v[bh, j0 + c0:j0 + c1], dpv, 1.0, 0.0, False, True)   # dP = dO_I V_Jᵀ
+    _dsoftmax(s, dp, ra, cc, delta, bh, i0 + a0)                   # dS = P ⊙ (dP - δ)
     if with_dq:
-        gemm(dpv, k[bh, j0:j0 + ck], dq_acc, 1.0, 1.0, False, False)   # dQ_I += dS K_J
+        gemm(dpv, keys, dq_acc[a0:a1], 1.0, 1.0, False, False)     # dQ_I += dS K_J
     if with_dkdv:
-        gemm(dpv, qs, dk[bh, j0:j0 + ck], 1.0, 1.0, True, False)   # dK_J += dSᵀ (s Q_I)
+        gemm(dpv, qs[a0:a1], dk[bh, j0 + c0:j0 + c1], 1.0, 1.0, True, False)   # dK_J += dSᵀ (s Q_I)
 
 
 @njit(**JIT_PARALLEL)
-def blocksparse_backward(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, bq, bk,
+def blocksparse_backward(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
                          dq, dk, dv):
     """``dq``, and ``dk``, ``dv`` (zeroed by the caller) of the block-sparse attention; each slice
     ``bh`` is one work item (one thread walks all its tiles)."""
@@ -393,15 +422,16 @@ def blocksparse_backward(q, k, v, dout, lse, delta, scale, slice_of, indptr, col
             dq_acc[:, :] = 0.0
             for e in range(indptr[r], indptr[r + 1]):
                 j0 = cols[e] * bk
-                _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, tile[e],
-                                qs[:rq], s, dp, work, dq_acc[:rq], dk, dv, True, True)
+                _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes,
+                                tile[e], qs[:rq], s, dp, work, dq_acc[:rq], dk, dv, True, True)
             for a in range(rq):
                 for c in range(D):
                     dq[bh, i0 + a, c] = scale * dq_acc[a, c]        # dQ = s dS K
 
 
 @njit(**JIT_PARALLEL)
-def blocksparse_backward_dq(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, bq, bk, dq):
+def blocksparse_backward_dq(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
+                            dq):
     """``dq`` alone, in parallel over (slice, query tile)."""
     BH, N, D = q.shape
     M = k.shape[1]
@@ -420,7 +450,7 @@ def blocksparse_backward_dq(q, k, v, dout, lse, delta, scale, slice_of, indptr, 
         _scaled_rows(q, bh, i0, rq, scale, qs)
         for e in range(indptr[r], indptr[r + 1]):
             j0 = cols[e] * bk
-            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, tile[e],
+            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes, tile[e],
                             qs, s, dp, work, dq_acc, dq, dq, True, False)
         for a in range(rq):
             for c in range(D):
@@ -429,7 +459,7 @@ def blocksparse_backward_dq(q, k, v, dout, lse, delta, scale, slice_of, indptr, 
 
 @njit(**JIT_PARALLEL)
 def blocksparse_backward_dkdv(q, k, v, dout, lse, delta, scale, slice_of, tindptr, trows, ttile, tiles,
-                              bq, bk, dk, dv):
+                              boxes, bq, bk, dk, dv):
     """``dk``, ``dv`` (zeroed by the caller), in parallel over (slice, key tile) through the
     transposed layout: each key tile's rows belong to one work item."""
     BH, N, D = q.shape
@@ -449,13 +479,13 @@ def blocksparse_backward_dkdv(q, k, v, dout, lse, delta, scale, slice_of, tindpt
             i0 = trows[e] * bq
             rq = min(bq, N - i0)
             _scaled_rows(q, bh, i0, rq, scale, qs)
-            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, ttile[e],
+            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes, ttile[e],
                             qs[:rq], s, dp, work, qs[:rq], dk, dv, False, True)
 
 
 def blocksparse_backward_reference(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles,
-                                   bq, bk):
-    """NumPy: ``(dq, dk, dv)`` by the same tiles, query tile by query tile."""
+                                   boxes, bq, bk):
+    """NumPy: ``(dq, dk, dv)`` by the same tiles' boxes, query tile by query tile."""
     BH, N, _ = q.shape
     M = k.shape[1]
     nqb = -(-N // bq)
@@ -463,15 +493,19 @@ def blocksparse_backward_reference(q, k, v, dout, lse, delta, scale, slice_of, i
     for bh in range(BH):
         for ti in range(nqb):
             r = slice_of[bh] * nqb + ti
-            rows = slice(ti * bq, min(N, ti * bq + bq))
-            qs = scale * q[bh, rows]
-            ell = lse[bh, rows]
-            empty = np.isneginf(ell)
-            do = dout[bh, rows]
+            i0 = ti * bq
+            rq = min(N, i0 + bq) - i0
             for e in range(indptr[r], indptr[r + 1]):
-                keys = slice(cols[e] * bk, min(M, cols[e] * bk + bk))
-                s = qs @ k[bh, keys].T                                            # S
-                allowed = _ref_tile(tiles, tile[e], *s.shape) & ~empty[:, None]
+                j0 = cols[e] * bk
+                rows, keys, allowed = _ref_box(tiles, boxes, tile[e], i0, j0, rq, min(bk, M - j0))
+                if allowed.size == 0:
+                    continue
+                qs = scale * q[bh, rows]
+                ell = lse[bh, rows]
+                empty = np.isneginf(ell)
+                do = dout[bh, rows]
+                s = qs @ k[bh, keys].T                                            # S on the box
+                allowed = allowed & ~empty[:, None]
                 p = np.where(allowed, np.exp(np.where(allowed, s - np.where(empty, 0, ell)[:, None], 0)), 0)
                 dv[bh, keys] += p.T @ do                                          # dV += Pᵀ dO
                 ds = p * (do @ v[bh, keys].T - delta[bh, rows][:, None])          # dS = P ⊙ (dP - δ)
