@@ -15,7 +15,11 @@ gives the speed-up from 1 to 2 workers (goal: 1.7x or more), the time against th
 thread (the overhead of the graph), and the error against the core on the first three shards.
 A control in every round, the same compute-bound task (BLAS products on one thread) on both
 workers at once against one worker alone, says how much two workers can gain on the machine at
-that moment: on a shared machine it can be far below 2.
+that moment: on a shared machine it can be far below 2. A second control, the kernel's own
+ceiling: the single-process core itself on one eighth of the sequence (its own inputs, drawn in
+the task, timed inside the task, no graph and no data moved), on both workers at once against
+one worker alone. Where the core is memory-bound the two copies slow each other down even with
+two free cores, and no sharding of that core can beat this ratio on this machine.
 
 Out-of-core: sequence-sharded local attention forward + backward on 2 workers whose
 ``memory_limit`` together is below the size of q, k, v and dout; dask spills to disk. The
@@ -135,7 +139,7 @@ def distributed_rounds(clients, core, n, heads, d, shard, repeat, rows):
     from distributed import get_task_stream
     times = {w: [] for w in clients}
     busy = {w: [] for w in clients}
-    heads_of, ceiling = {}, []
+    heads_of, ceiling, own = {}, [], []
     for r in range(repeat):
         for w, client in clients.items():
             with get_task_stream(client) as stream:
@@ -147,7 +151,8 @@ def distributed_rounds(clients, core, n, heads, d, shard, repeat, rows):
                 heads_of[w] = client.compute([x[:, :rows] for x in kept], sync=True)
             del kept
         ceiling.append(two_worker_ceiling(clients[2]))
-    return times, busy, heads_of, ceiling
+        own.append(kernel_ceiling(clients[2], core, n // 8, heads, d))
+    return times, busy, heads_of, ceiling, own
 
 
 def _gemm_seconds(repeat=40):
@@ -174,6 +179,33 @@ def two_worker_ceiling(client):
     futures = [client.submit(_gemm_seconds, workers=[w], pure=False) for w in workers[:2]]
     client.gather(futures)
     return 2 * one / (time.perf_counter() - t0)
+
+
+def _core_seconds(core, n, heads, d, repeat=2):
+    """Median seconds of ``core``'s forward + backward on fresh fp32 inputs (heads, n, d) drawn
+    in the task, on the worker's one thread (the kernels compiled by a small call first)."""
+    rng = np.random.default_rng(1)
+    q, k, v, dout = (rng.standard_normal((heads, n, d), dtype=np.float32) for _ in range(4))
+    small = [x[:, :1024] for x in (q, k, v, dout)]
+    core.backward(core.forward(*small[:3], check_finite=False)[1], small[3], check_finite=False)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out, cache = core.forward(q, k, v, check_finite=False)
+        core.backward(cache, dout, check_finite=False)
+        times.append(time.perf_counter() - t0)
+        del out, cache
+    return float(np.median(times))
+
+
+def kernel_ceiling(client, core, n, heads, d):
+    """The second control: the core's own throughput on both workers at once against one worker
+    alone, ``2·t_one / max(t_a, t_b)`` from the times measured inside the tasks; about 2 for a
+    compute-bound core on two free cores, less where the two copies share memory bandwidth."""
+    workers = sorted(client.scheduler_info()["workers"])
+    one = client.submit(_core_seconds, core, n, heads, d, workers=workers[:1], pure=False).result()
+    futures = [client.submit(_core_seconds, core, n, heads, d, workers=[w], pure=False) for w in workers[:2]]
+    return 2 * one / max(client.gather(futures))
 
 
 def _busy(records):
@@ -275,9 +307,10 @@ def main(argv=None):
     clusters = {w: cluster(w) for w in (1, 2)}
     try:
         for name, core in cores(window).items():
-            times, busy, head, ceiling = distributed_rounds({w: cl for w, (_, cl) in clusters.items()}, core, n,
+            times, busy, head, ceiling, own = distributed_rounds({w: cl for w, (_, cl) in clusters.items()}, core, n,
                                                             heads, d, shard, args.repeat, rows_checked)
             record[name]["control: two-worker GEMM throughput, per round"] = ceiling
+            record[name]["control: the core itself on both workers, per round"] = own
             record[name].update({f"{w} worker(s), per round": times[w] for w in times})
             record[name]["speedup_1_to_2_workers"] = harness.median_ratio(times[1], times[2])
             for w in (1, 2):
@@ -300,9 +333,11 @@ def main(argv=None):
     for name in cores(window):
         s = record[name]["speedup_1_to_2_workers"]
         c = float(np.median(record[name]["control: two-worker GEMM throughput, per round"]))
+        o = float(np.median(record[name]["control: the core itself on both workers, per round"]))
         print(f"- {name}: 1 -> 2 workers {s:.2f}x, the median over rounds of the ratio within a round "
               f"({'met' if s >= 1.7 else 'NOT met'}: goal >= 1.7x); control, the same compute-bound task on "
-              f"both workers at once against one: {c:.2f}x in those rounds; 1 worker against the core on "
+              f"both workers at once against one: {c:.2f}x in those rounds; the core itself (N/8, no graph) on both "
+              f"workers at once against one: {o:.2f}x (its ceiling here); 1 worker against the core on "
               f"one thread: {(record[name][1] / record[name]['single'] - 1) * 100:+.0f} %")
 
     # ---------------------------------------------------------------- out-of-core
