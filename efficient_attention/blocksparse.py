@@ -112,8 +112,8 @@ from . import config
 from .core import AttentionCore, Cost, Grads
 from .kernels import blocksparse as _k
 from .kernels import sparse as _ksparse
-from .validate import (check_bool, check_cache, check_csr, check_dout, check_qkv, check_scale, finite_policy,
-                       resolve_scale)
+from .validate import (check_bool, check_cache, check_csr, check_dout, check_int, check_patterns, check_qkv,
+                       check_scale, finite_policy, resolve_scale)
 
 __all__ = ["BlockMask", "BlockSparseAttention", "attention", "per_head_mask_mod"]
 
@@ -246,6 +246,17 @@ def _csr_blocks(csr: sp.csr_array, g: int, bq: int, bk: int) -> _Blocks:
     return _concat_blocks(parts, bq, bk)
 
 
+def _all_blocks(n, m, block_size):
+    """``(n, m, b_q, b_k, i, j)``: validated sizes and the tile coordinates of every block of an
+    ``(N, M)`` grid, query tile by query tile."""
+    n = check_int(n, "n", minimum=1)
+    m = n if m is None else check_int(m, "m", minimum=1)
+    bq, bk = _block_size(block_size)
+    nqb, nkb = _n_tiles(n, bq), _n_tiles(m, bk)
+    return (n, m, bq, bk, np.repeat(np.arange(nqb, dtype=np.int64), nkb),
+            np.tile(np.arange(nkb, dtype=np.int64), nqb))
+
+
 def _chosen(block_size, bm: "BlockMask") -> "BlockMask":
     """``bm`` itself when ``block_size`` was given; else coarsened to the best of ``config.ENGINE_TILES``."""
     if block_size is not None:
@@ -330,7 +341,7 @@ class BlockMask:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def _from_blocks(cls, lead: tuple, n: int, m: int, bq: int, bk: int, blocks: _Blocks) -> "BlockMask":
-        nqb, nkb = _n_tiles(n, bq), _n_tiles(m, bk)
+        nqb = _n_tiles(n, bq)
         g_count = int(np.prod(lead, dtype=np.int64)) if lead else 1
         row = blocks.g * nqb + blocks.i
         order = np.lexsort((blocks.j, row))
@@ -354,22 +365,9 @@ class BlockMask:
         (:func:`~efficient_attention.validate.check_csr`).
         """
         bq, bk = _block_size(block_size)
-        if isinstance(pattern, (list, tuple)):
-            if not pattern:
-                raise ValueError("pattern must be a sparse array or a non-empty list of them, got []")
-            first = pattern[0]
-            if not sp.issparse(first) or first.ndim != 2:
-                raise TypeError(f"pattern[0] must be a 2-D scipy.sparse array, got {type(first).__name__}")
-            n, m = first.shape
-            csrs = [_canonical_csr(p, n, m, f"pattern[{h}]") for h, p in enumerate(pattern)]
-            lead = (len(csrs),)
-        else:
-            if not sp.issparse(pattern) or pattern.ndim != 2:
-                raise TypeError(f"pattern must be a 2-D scipy.sparse array (N, M) or a list of them, "
-                                f"got {type(pattern).__name__}")
-            n, m = pattern.shape
-            csrs = [_canonical_csr(pattern, n, m, "pattern")]
-            lead = ()
+        pats, (n, m), per_head = check_patterns(pattern)
+        csrs = [_canonical_csr(p, n, m, f"pattern[{h}]" if per_head else "pattern") for h, p in enumerate(pats)]
+        lead = (len(csrs),) if per_head else ()
         blocks = _concat_blocks([_csr_blocks(c, g, bq, bk) for g, c in enumerate(csrs)], bq, bk)
         return _chosen(block_size, cls._from_blocks(lead, n, m, bq, bk, blocks))
 
@@ -402,7 +400,6 @@ class BlockMask:
         holds at most ``config.ENGINE_BUILD_SCALARS`` booleans: an ``N × M`` array is never formed.
         The shape is ``(N, M)``, ``(H, N, M)`` or ``(B, H, N, M)``.
         """
-        from .validate import check_int
         if not callable(mask_mod):
             raise TypeError(f"mask_mod must be a callable mask_mod(b, h, q_idx, kv_idx), got "
                             f"{type(mask_mod).__name__}")
@@ -443,13 +440,7 @@ class BlockMask:
     @classmethod
     def causal(cls, n: int, m: int | None = None, block_size=None) -> "BlockMask":
         """The causal mask ``j <= i`` of shape ``(N, M)`` (only the diagonal tiles are evaluated)."""
-        from .validate import check_int
-        n = check_int(n, "n", minimum=1)
-        m = n if m is None else check_int(m, "m", minimum=1)
-        bq, bk = _block_size(block_size)
-        nqb, nkb = _n_tiles(n, bq), _n_tiles(m, bk)
-        i = np.repeat(np.arange(nqb, dtype=np.int64), nkb)
-        j = np.tile(np.arange(nkb, dtype=np.int64), nqb)
+        n, m, bq, bk, i, j = _all_blocks(n, m, block_size)
         first_i = i * bq
         last_i = np.minimum(first_i + bq, n) - 1
         first_j, last_j = j * bk, np.minimum(j * bk + bk, m) - 1
@@ -818,13 +809,7 @@ class BlockMask:
     @classmethod
     def full(cls, n: int, m: int | None = None, block_size=None) -> "BlockMask":
         """Every key for every query (dense attention): all tiles full."""
-        from .validate import check_int
-        n = check_int(n, "n", minimum=1)
-        m = n if m is None else check_int(m, "m", minimum=1)
-        bq, bk = _block_size(block_size)
-        nqb, nkb = _n_tiles(n, bq), _n_tiles(m, bk)
-        i = np.repeat(np.arange(nqb, dtype=np.int64), nkb)
-        j = np.tile(np.arange(nkb, dtype=np.int64), nqb)
+        n, m, bq, bk, i, j = _all_blocks(n, m, block_size)
         blocks = _Blocks(np.zeros(i.size, np.int64), i, j, np.full(i.size, -1, np.int64),
                          np.zeros((0, bq, bk), bool))
         return _chosen(block_size, cls._from_blocks((), n, m, bq, bk, blocks))
@@ -895,15 +880,7 @@ def _plan(bm: BlockMask) -> _Plan:
         csrs = [p for row in pats for p in row]
     else:
         csrs = [pats]
-    offsets = np.cumsum([0] + [c.nnz for c in csrs])
-    indptr = np.stack([c.indptr.astype(np.int64) + o for c, o in zip(csrs, offsets)])
-    indices = np.concatenate([c.indices for c in csrs]).astype(np.int64)
-    trans = [sp.csr_array(c.T) for c in csrs]                            # key-major: the queries of each key
-    for t in trans:
-        t.sort_indices()
-    tptr = np.stack([t.indptr.astype(np.int64) + o for t, o in zip(trans, offsets)])
-    tind = np.concatenate([t.indices for t in trans]).astype(np.int64)
-    return _Plan(bm, tiles, (indptr, indices, tptr, tind))
+    return _Plan(bm, tiles, _ksparse.pattern_index(csrs))
 
 
 def _pairs_for(pairs, slice_of: np.ndarray):
@@ -1195,21 +1172,26 @@ def _engine_per_head(n, d, dv, seed):
 
 def _register():
     from .core import register
-    register("engine_dense", BlockSparseAttention, chapter=1,
-             description="block-sparse engine, every key (FlashAttention-2 tiles; compare with 'dense')")
-    register("engine_causal", BlockSparseAttention, chapter=1, config={"causal": True},
-             description="block-sparse engine, causal (compare with 'dense_causal')")
-    register("engine_longformer", BlockSparseAttention, chapter=1, factory=_engine_longformer,
-             description="block-sparse engine on the 'longformer' pattern (window min(256, N/8) + token 0)")
-    register("engine_bigbird", BlockSparseAttention, chapter=1, factory=_engine_bigbird,
-             description="block-sparse engine on the 'bigbird' pattern (blocks of 64, 3 random, 1 global)")
-    register("engine_global", BlockSparseAttention, chapter=1, factory=_engine_global,
-             description="block-sparse engine on the 'global' pattern (tokens 0 and N/2)")
-    register("engine_random", BlockSparseAttention, chapter=1, factory=_engine_random,
-             description="block-sparse engine on the 'sparse_random' pattern (min(64, N/4) keys per query)")
-    register("engine_per_head", BlockSparseAttention, chapter=1, factory=_engine_per_head, exact=False,
-             description="block-sparse engine, one call for per-head masks (local / dilated / global / "
-                         "blocks by head) from a mask_mod; its own per-head oracle")
+    engine = [   # name, config, factory, exact, description
+        ("engine_dense", None, None, True,
+         "block-sparse engine, every key (FlashAttention-2 tiles; compare with 'dense')"),
+        ("engine_causal", {"causal": True}, None, True,
+         "block-sparse engine, causal (compare with 'dense_causal')"),
+        ("engine_longformer", None, _engine_longformer, True,
+         "block-sparse engine on the 'longformer' pattern (window min(256, N/8) + token 0)"),
+        ("engine_bigbird", None, _engine_bigbird, True,
+         "block-sparse engine on the 'bigbird' pattern (blocks of 64, 3 random, 1 global)"),
+        ("engine_global", None, _engine_global, True,
+         "block-sparse engine on the 'global' pattern (tokens 0 and N/2)"),
+        ("engine_random", None, _engine_random, True,
+         "block-sparse engine on the 'sparse_random' pattern (min(64, N/4) keys per query)"),
+        ("engine_per_head", None, _engine_per_head, False,
+         "block-sparse engine, one call for per-head masks (local / dilated / global / blocks by head) "
+         "from a mask_mod; its own per-head oracle"),
+    ]
+    for name, options, factory, exact, description in engine:
+        register(name, BlockSparseAttention, chapter=1, config=options, factory=factory, exact=exact,
+                 description=description)
 
 
 _register()

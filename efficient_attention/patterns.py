@@ -62,7 +62,7 @@ import scipy.sparse as sp
 from . import config
 from .plot import plot_pattern as plot  # noqa: F401  (public: patterns.plot)
 from .plot import to_image
-from .validate import check_bool, check_csr, check_indices, check_int
+from .validate import check_bool, check_csr, check_indices, check_int, check_patterns
 
 __all__ = [
     "local",
@@ -328,10 +328,7 @@ def union(*patterns) -> sp.csr_array:
     """Entries allowed in any of ``patterns`` (all of one shape)."""
     if not patterns:
         raise ValueError("union needs at least one pattern, got none")
-    first = patterns[0]
-    if not sp.issparse(first) or first.ndim != 2:
-        raise TypeError(f"patterns[0] must be a 2-D scipy.sparse array, got {type(first).__name__}")
-    n, m = first.shape
+    patterns, (n, m), _ = check_patterns(patterns, "patterns")
     out = None
     for i, p in enumerate(patterns):
         p = check_csr(p, n, m, f"patterns[{i}]")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .validate import check_csr, check_int
+from .validate import check_csr, check_int, check_patterns
 
 __all__ = ["COLORS", "pyplot", "to_image", "plot_pattern", "plot_sort_matrix", "plot_tiles"]
 
@@ -101,13 +101,7 @@ def plot_pattern(pattern, ax=None, path=None, *, labels=None, colors=None, title
     plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
-    pats = list(pattern) if isinstance(pattern, (list, tuple)) else [pattern]
-    if not pats:
-        raise ValueError("pattern must be a sparse array or a non-empty list of them, got an empty list")
-    for i, p in enumerate(pats):
-        if not sp.issparse(p) or p.ndim != 2:
-            raise TypeError(f"pattern[{i}] must be a 2-D scipy.sparse array, got {type(p).__name__}")
-    n, m = pats[0].shape
+    pats, (n, m), _ = check_patterns(pattern)
     pats = [check_csr(p, n, m, f"pattern[{i}]") for i, p in enumerate(pats)]
     colors = list(colors) if colors is not None else [COLORS[i % len(COLORS)] for i in range(len(pats))]
     if len(colors) < len(pats):

@@ -47,15 +47,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from . import patterns as _patterns
 from . import config
 from .core import AttentionCore, Cost, Grads
 from .dense import DenseAttention
 from .kernels import sparse as _k
-from .validate import (as_float_array, check_cache, check_csr, check_dout, check_indices, check_int, check_qkv,
-                       check_scale, resolve_scale, finite_policy)
+from .validate import (check_cache, check_csr, check_dout, check_indices, check_int, check_patterns,
+                       check_qkv, check_scale, resolve_scale, finite_policy)
 
 __all__ = ["SparseAttention", "GlobalAttention"]
 
@@ -73,15 +72,7 @@ class _PatternIndex(NamedTuple):
 
 
 def _index(csrs) -> _PatternIndex:
-    offsets = np.cumsum([0] + [c.nnz for c in csrs])
-    indptr = np.stack([c.indptr + o for c, o in zip(csrs, offsets)])
-    indices = np.concatenate([c.indices for c in csrs]).astype(np.int64)
-    trans = [sp.csr_array(c.T) for c in csrs]                # key-major: row j lists its queries
-    for t in trans:
-        t.sort_indices()
-    tptr = np.stack([t.indptr.astype(np.int64) + o for t, o in zip(trans, offsets)])
-    tind = np.concatenate([t.indices for t in trans]).astype(np.int64)
-    return _PatternIndex(indptr.astype(np.int64), indices, tptr, tind, tuple(int(c.nnz) for c in csrs))
+    return _PatternIndex(*_k.pattern_index(csrs), tuple(int(c.nnz) for c in csrs))
 
 
 class _SparseCache(NamedTuple):
@@ -116,14 +107,6 @@ def _backward(cache: _SparseCache, dout, index: _PatternIndex):
     _k.sparse_attention_backward_dq(q, k, v, dout3, lse, delta, index.indptr, index.indices, scale, dq)
     _k.sparse_attention_backward_dkdv(q, k, v, dout3, lse, delta, index.tptr, index.tind, scale, dk, dv)
     return dq.reshape(shapes[0]), dk.reshape(shapes[1]), dv.reshape(shapes[2])
-
-
-def _as_pattern(p, name: str) -> sp.csr_array:
-    if not sp.issparse(p):
-        raise TypeError(f"{name} must be a scipy.sparse array of shape (N, M), got {type(p).__name__}")
-    if p.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, M), got shape {p.shape}")
-    return check_csr(p, *p.shape, name=name)
 
 
 class SparseAttention(AttentionCore):
@@ -170,18 +153,8 @@ class SparseAttention(AttentionCore):
 
     def __init__(self, pattern, scale: float | None = None):
         self.scale = check_scale(scale)
-        if isinstance(pattern, (list, tuple)):
-            if not pattern:
-                raise ValueError("pattern must be a sparse array or a non-empty list of them, got []")
-            csrs = [_as_pattern(p, f"pattern[{h}]") for h, p in enumerate(pattern)]
-            shape = csrs[0].shape
-            for h, c in enumerate(csrs):
-                if c.shape != shape:
-                    raise ValueError(f"pattern[{h}] must have the shape of pattern[0] {shape}, got {c.shape}")
-            self.per_head = True
-        else:
-            csrs = [_as_pattern(pattern, "pattern")]
-            self.per_head = False
+        pats, (n, m), self.per_head = check_patterns(pattern)
+        csrs = [check_csr(p, n, m, f"pattern[{h}]" if self.per_head else "pattern") for h, p in enumerate(pats)]
         self.patterns = csrs
         self.n, self.m = csrs[0].shape
         self._index = _index(csrs)

@@ -42,6 +42,7 @@ __all__ = [
     "check_finite_array",
     "check_cache",
     "check_mask",
+    "check_patterns",
     "check_csr",
     "check_int",
     "check_real",
@@ -215,6 +216,22 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {_describe(value)} {value!r}")
     return bool(value)
+
+
+def check_patterns(pattern, name: str = "pattern"):
+    """``(patterns, (N, M), per_head)`` of ``pattern``: one 2-D ``scipy.sparse`` array, or a
+    non-empty list or tuple of them (one per head, ``per_head`` True), ``(N, M)`` the first's
+    shape. Checks the types only; :func:`check_csr` checks each one's shape and index arrays."""
+    per_head = isinstance(pattern, (list, tuple))
+    patterns = list(pattern) if per_head else [pattern]
+    if not patterns:
+        raise ValueError(f"{name} must be a sparse array or a non-empty list of them, got an empty {_describe(pattern)}")
+    for i, p in enumerate(patterns):
+        if not sp.issparse(p) or p.ndim != 2:
+            label = f"{name}[{i}]" if per_head else name
+            raise TypeError(f"{label} must be a 2-D scipy.sparse array (N, M){'' if per_head else ' or a list of them'}, "
+                            f"got {_describe(p)}{'' if not sp.issparse(p) else f' of shape {p.shape}'}")
+    return patterns, tuple(patterns[0].shape), per_head
 
 
 def check_csr(pattern, n: int, m: int, name: str = "pattern") -> sp.csr_array:

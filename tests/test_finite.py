@@ -98,24 +98,35 @@ def test_nonfinite_dout_raises_naming_argument(name, value):
 
 # ------------------------------------------------------------------ check_finite=False
 
+def _poisoned(name, dtype, value):
+    """``(arg, arrays, copies)`` for each input ``arg`` with ``value`` at ``[0, ROW, 1]``, then
+    ``arg = None`` (clean inputs: the value goes into dout)."""
+    for arg in list(_inputs(name)) + [None]:
+        arrays = _inputs(name, dtype)
+        if arg is not None:
+            arrays[arg][0, ROW, 1] = value
+        yield arg, arrays, {a: x.copy() for a, x in arrays.items()}
+
+
+def _assert_contained(what, arg, out, grads, arrays, copies):
+    """Batch entry 1 of the output and the gradients finite; the inputs unchanged."""
+    assert np.isfinite(out[1]).all(), f"{what} in {arg} reached batch entry 1 of the output"
+    for a, g in grads.items():
+        if g is not None:
+            assert np.isfinite(g[1]).all(), f"{what} in {arg or 'dout'} reached batch entry 1 of d{a}"
+    for a, x in arrays.items():
+        np.testing.assert_array_equal(x, copies[a])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", NAMES)
 def test_nan_propagates_without_warning_and_stays_in_its_batch_entry(name, dtype):
     """A NaN in one row of batch entry 0: no RuntimeWarning from forward or backward, the
     inputs unchanged, and nothing non-finite in batch entry 1 (batch entries are independent)."""
     obj = _build(name)
-    for arg in list(_inputs(name)) + [None]:                  # None: the NaN is in dout
-        arrays = _inputs(name, dtype)
-        if arg is not None:
-            arrays[arg][0, ROW, 1] = np.nan
-        copies = {a: x.copy() for a, x in arrays.items()}
+    for arg, arrays, copies in _poisoned(name, dtype, np.nan):
         out, grads = _run(obj, name, arrays, dout_row=ROW if arg is None else None)
-        assert np.isfinite(out[1]).all(), f"NaN in {arg} reached batch entry 1 of the output"
-        for a, g in grads.items():
-            if g is not None:
-                assert np.isfinite(g[1]).all(), f"NaN in {arg or 'dout'} reached batch entry 1 of d{a}"
-        for a, x in arrays.items():
-            np.testing.assert_array_equal(x, copies[a])
+        _assert_contained("NaN", arg, out, grads, arrays, copies)
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
@@ -125,11 +136,7 @@ def test_inf_propagates_without_warning_and_stays_in_its_batch_entry(name, value
     from forward or backward (worker threads included), the inputs are unchanged, and batch
     entry 1 stays finite."""
     obj = _build(name)
-    for arg in list(_inputs(name)) + [None]:                  # None: the Inf is in dout
-        arrays = _inputs(name, np.float32)
-        if arg is not None:
-            arrays[arg][0, ROW, 1] = value
-        copies = {a: x.copy() for a, x in arrays.items()}
+    for arg, arrays, copies in _poisoned(name, np.float32, value):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             out, cache = obj.forward(*arrays.values(), check_finite=False)
@@ -137,12 +144,7 @@ def test_inf_propagates_without_warning_and_stays_in_its_batch_entry(name, value
             if arg is None:
                 dout[0, ROW, 1] = value
             grads = _grads(name, obj.backward(cache, dout, check_finite=False))
-        assert np.isfinite(out[1]).all(), f"Inf in {arg} reached batch entry 1 of the output"
-        for a, g in grads.items():
-            if g is not None:
-                assert np.isfinite(g[1]).all(), f"Inf in {arg or 'dout'} reached batch entry 1 of d{a}"
-        for a, x in arrays.items():
-            np.testing.assert_array_equal(x, copies[a])
+        _assert_contained("Inf", arg, out, grads, arrays, copies)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -157,27 +157,22 @@ def _row_max_overload(s, a, ck):
     # never sets); the bit patterns of IEEE floats, with the magnitude bits flipped for negative
     # numbers, order like the floats, and integer max reductions vectorise
     if s.dtype == types.float32:
-        def impl32(s, a, ck):
-            bits = s.view(np.int32)
-            m = np.int32(-2147483648)
-            for c in range(ck):
-                b = bits[a, c]
-                m = max(m, b ^ ((b >> 31) & np.int32(0x7fffffff)))
-            key = np.empty(1, np.int32)
-            key[0] = m ^ ((m >> 31) & np.int32(0x7fffffff))
-            return key.view(np.float32)[0]
-        return impl32
+        return _row_max_by_bits(np.int32, np.float32, 31, 0x7fffffff, -2 ** 31)
+    return _row_max_by_bits(np.int64, np.float64, 63, 0x7fffffffffffffff, -2 ** 63)
 
-    def impl64(s, a, ck):
-        bits = s.view(np.int64)
-        m = np.int64(-9223372036854775807 - 1)
+
+def _row_max_by_bits(int_t, float_t, sign_bit, magnitude, lowest):
+    """``row_max`` on the integer view of a float row (``int_t`` as wide as ``float_t``)."""
+    def impl(s, a, ck):
+        bits = s.view(int_t)
+        m = int_t(lowest)
         for c in range(ck):
             b = bits[a, c]
-            m = max(m, b ^ ((b >> 63) & np.int64(0x7fffffffffffffff)))
-        key = np.empty(1, np.int64)
-        key[0] = m ^ ((m >> 63) & np.int64(0x7fffffffffffffff))
-        return key.view(np.float64)[0]
-    return impl64
+            m = max(m, b ^ ((b >> sign_bit) & int_t(magnitude)))
+        key = np.empty(1, int_t)
+        key[0] = m ^ ((m >> sign_bit) & int_t(magnitude))
+        return key.view(float_t)[0]
+    return impl
 
 
 def exp_sum_row(s, a, ck, shift, work):
@@ -219,6 +214,16 @@ def _scaled_rows(x, bh, i0, rq, scale, out):
     for a in range(rq):
         for c in range(x.shape[2]):
             out[a, c] = scale * x[bh, i0 + a, c]
+
+
+@njit(**JIT)
+def _work_item(t, n_tiles, slice_of, b, length):
+    """Work item ``t`` of a pass over (slice, tile): ``(bh, r, start, rows)``, the slice, its row
+    in the layout, and the tile's first index and size along an axis of ``length``."""
+    bh = t // n_tiles
+    ti = t % n_tiles
+    start = ti * b
+    return bh, slice_of[bh] * n_tiles + ti, start, min(b, length - start)
 
 
 @njit(**JIT)
@@ -274,11 +279,7 @@ def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, box
     Dv = v.shape[2]
     nqb = (N + bq - 1) // bq
     for t in prange(BH * nqb):
-        bh = t // nqb
-        ti = t % nqb
-        r = slice_of[bh] * nqb + ti
-        i0 = ti * bq
-        rq = min(bq, N - i0)
+        bh, r, i0, rq = _work_item(t, nqb, slice_of, bq, N)
         qs = np.empty((rq, D), q.dtype)
         _scaled_rows(q, bh, i0, rq, scale, qs)                    # s Q_I
         acc = np.zeros((rq, Dv), q.dtype)                          # unnormalised O
@@ -400,33 +401,47 @@ def _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes,
         gemm(dpv, qs[a0:a1], dk[bh, j0 + c0:j0 + c1], 1.0, 1.0, True, False)   # dK_J += dSᵀ (s Q_I)
 
 
+@njit(**JIT)
+def _scratch(q, bq, bk):
+    """A backward work item's buffers: ``qs``, ``dq_acc`` (a tile's rows of q), the score and
+    probability-gradient tiles ``s``, ``dp``, and ``work`` (float64, a tile's columns)."""
+    D = q.shape[2]
+    return (np.empty((bq, D), q.dtype), np.empty((bq, D), q.dtype), np.empty((bq, bk), q.dtype),
+            np.empty((bq, bk), q.dtype), np.empty(bk, np.float64))
+
+
+@njit(**JIT)
+def _query_tile_backward(q, k, v, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles, boxes, bk,
+                         qs, s, dp, work, dq_acc, dq, dk, dv, with_dkdv):
+    """Query tile ``i0:i0+rq`` of slice ``bh`` (layout row ``r``) over its key tiles: ``dq`` of its
+    rows, and with ``with_dkdv`` its terms of ``dk``, ``dv`` added (buffers ``qs``, ``dq_acc``:
+    ``rq`` rows at least; ``s``, ``dp``: a tile)."""
+    M = k.shape[1]
+    D = q.shape[2]
+    _scaled_rows(q, bh, i0, rq, scale, qs)
+    dq_acc[:rq, :] = 0.0
+    for e in range(indptr[r], indptr[r + 1]):
+        j0 = cols[e] * bk
+        _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes, tile[e],
+                        qs[:rq], s, dp, work, dq_acc[:rq], dk, dv, True, with_dkdv)
+    for a in range(rq):
+        for c in range(D):
+            dq[bh, i0 + a, c] = scale * dq_acc[a, c]                # dQ = s dS K
+
+
 @njit(**JIT_PARALLEL)
 def blocksparse_backward(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
                          dq, dk, dv):
     """``dq``, and ``dk``, ``dv`` (zeroed by the caller) of the block-sparse attention; each slice
     ``bh`` is one work item (one thread walks all its tiles)."""
     BH, N, D = q.shape
-    M = k.shape[1]
     nqb = (N + bq - 1) // bq
     for bh in prange(BH):
-        qs = np.empty((bq, D), q.dtype)
-        s = np.empty((bq, bk), q.dtype)
-        dp = np.empty((bq, bk), q.dtype)
-        dq_acc = np.empty((bq, D), q.dtype)
-        work = np.empty(bk, np.float64)
+        qs, dq_acc, s, dp, work = _scratch(q, bq, bk)
         for ti in range(nqb):
-            r = slice_of[bh] * nqb + ti
             i0 = ti * bq
-            rq = min(bq, N - i0)
-            _scaled_rows(q, bh, i0, rq, scale, qs)
-            dq_acc[:, :] = 0.0
-            for e in range(indptr[r], indptr[r + 1]):
-                j0 = cols[e] * bk
-                _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes,
-                                tile[e], qs[:rq], s, dp, work, dq_acc[:rq], dk, dv, True, True)
-            for a in range(rq):
-                for c in range(D):
-                    dq[bh, i0 + a, c] = scale * dq_acc[a, c]        # dQ = s dS K
+            _query_tile_backward(q, k, v, dout, lse, delta, scale, bh, slice_of[bh] * nqb + ti, i0, min(bq, N - i0),
+                                 indptr, cols, tile, tiles, boxes, bk, qs, s, dp, work, dq_acc, dq, dk, dv, True)
 
 
 @njit(**JIT_PARALLEL)
@@ -434,27 +449,12 @@ def blocksparse_backward_dq(q, k, v, dout, lse, delta, scale, slice_of, indptr, 
                             dq):
     """``dq`` alone, in parallel over (slice, query tile)."""
     BH, N, D = q.shape
-    M = k.shape[1]
     nqb = (N + bq - 1) // bq
     for t in prange(BH * nqb):
-        bh = t // nqb
-        ti = t % nqb
-        r = slice_of[bh] * nqb + ti
-        i0 = ti * bq
-        rq = min(bq, N - i0)
-        qs = np.empty((rq, D), q.dtype)
-        s = np.empty((bq, bk), q.dtype)
-        dp = np.empty((bq, bk), q.dtype)
-        dq_acc = np.zeros((rq, D), q.dtype)
-        work = np.empty(bk, np.float64)
-        _scaled_rows(q, bh, i0, rq, scale, qs)
-        for e in range(indptr[r], indptr[r + 1]):
-            j0 = cols[e] * bk
-            _backward_block(q, k, v, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes, tile[e],
-                            qs, s, dp, work, dq_acc, dq, dq, True, False)
-        for a in range(rq):
-            for c in range(D):
-                dq[bh, i0 + a, c] = scale * dq_acc[a, c]
+        bh, r, i0, rq = _work_item(t, nqb, slice_of, bq, N)
+        qs, dq_acc, s, dp, work = _scratch(q, bq, bk)
+        _query_tile_backward(q, k, v, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles, boxes, bk,
+                             qs, s, dp, work, dq_acc, dq, dq, dq, False)
 
 
 @njit(**JIT_PARALLEL)
@@ -466,15 +466,8 @@ def blocksparse_backward_dkdv(q, k, v, dout, lse, delta, scale, slice_of, tindpt
     M = k.shape[1]
     nkb = (M + bk - 1) // bk
     for t in prange(BH * nkb):
-        bh = t // nkb
-        tj = t % nkb
-        r = slice_of[bh] * nkb + tj
-        j0 = tj * bk
-        ck = min(bk, M - j0)
-        qs = np.empty((bq, D), q.dtype)
-        s = np.empty((bq, bk), q.dtype)
-        dp = np.empty((bq, bk), q.dtype)
-        work = np.empty(bk, np.float64)
+        bh, r, j0, ck = _work_item(t, nkb, slice_of, bk, M)
+        qs, _, s, dp, work = _scratch(q, bq, bk)
         for e in range(tindptr[r], tindptr[r + 1]):
             i0 = trows[e] * bq
             rq = min(bq, N - i0)

@@ -54,10 +54,27 @@ __all__ = [
     "sparse_attention_forward", "sparse_attention_forward_reference",
     "sparse_attention_backward_dq", "sparse_attention_backward_dq_reference",
     "sparse_attention_backward_dkdv", "sparse_attention_backward_dkdv_reference",
+    "pattern_index",
 ]
 
 #: query rows (or key columns) per parallel work item of the fused kernels
 ROWS = 32
+
+
+def pattern_index(csrs):
+    """The index arrays the fused kernels read for canonical CSR patterns ``csrs`` (one per
+    head): ``(indptr (H, N+1), indices, tptr (H, M+1), tind)``, int64, row-major and key-major
+    (row ``j`` of the transposed pattern lists the queries of key ``j``, sorted), the entries of
+    head ``h`` after those of heads ``< h``."""
+    offsets = np.cumsum([0] + [c.nnz for c in csrs])
+    indptr = np.stack([c.indptr.astype(np.int64) + o for c, o in zip(csrs, offsets)])
+    indices = np.concatenate([c.indices for c in csrs]).astype(np.int64)
+    trans = [sp.csr_array(c.T) for c in csrs]
+    for t in trans:
+        t.sort_indices()
+    tptr = np.stack([t.indptr.astype(np.int64) + o for t, o in zip(trans, offsets)])
+    tind = np.concatenate([t.indices for t in trans]).astype(np.int64)
+    return indptr, indices, tptr, tind
 
 
 # --------------------------------------------------------------------------- building blocks
