@@ -419,8 +419,9 @@ def _check_same_length(q, k):
 
 
 class _BandedAttention(AttentionCore):
-    """Shared forward/backward plumbing of the banded cores (each public class defines its own
-    ``forward`` and ``backward`` on top, so that errors name the public class)."""
+    """Shared forward/backward plumbing of the banded cores (each public class gets its own
+    ``forward`` and ``backward`` on top from :func:`_public_entries`, so that errors name the
+    public class)."""
 
     #: queries per block (None: ``config.LOCAL_QUERY_BLOCK``)
     query_block = None
@@ -472,6 +473,25 @@ class _BandedAttention(AttentionCore):
         return Cost(2 * nnz * (d + dv), n * dv + n + scratch)
 
 
+def _public_entries(cls):
+    """Class decorator of a banded core: its ``forward`` and ``backward``, defined here once
+    for both cores, under the class's own name (Python's ``TypeError`` for a wrong argument
+    names the function's ``__qualname__``: ``LocalAttention.forward()``, not the base's)."""
+    def forward(self, q, k, v, *, check_finite: bool = True):
+        """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
+        return self._banded_forward(q, k, v, check_finite)
+
+    def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
+        """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
+        return self._banded_backward(cache, dout, check_finite)
+
+    for method in (forward, backward):
+        method.__qualname__ = f"{cls.__name__}.{method.__name__}"
+        setattr(cls, method.__name__, finite_policy(method))
+    return cls
+
+
+@_public_entries
 class LocalAttention(_BandedAttention):
     r"""Local (truncated) attention: query ``i`` sees keys ``|i-j| <= window``.
 
@@ -512,16 +532,6 @@ class LocalAttention(_BandedAttention):
     def options(self):
         return {"window": self.window, "causal": self.causal, "scale": self.scale}
 
-    @finite_policy
-    def forward(self, q, k, v, *, check_finite: bool = True):
-        """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
-        return self._banded_forward(q, k, v, check_finite)
-
-    @finite_policy
-    def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
-        """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
-        return self._banded_backward(cache, dout, check_finite)
-
     def _sub_window(self, n):
         return min(self.window, max(n - 1, 0))
 
@@ -535,6 +545,7 @@ class LocalAttention(_BandedAttention):
         return local_mask(n, self.window, self.causal)
 
 
+@_public_entries
 class StridedAttention(_BandedAttention):
     r"""Strided (dilated) attention: query ``i`` sees keys with ``(i-j) % stride == 0``
     and, when ``window`` is given, ``|i-j| <= window·stride``.
@@ -567,16 +578,6 @@ class StridedAttention(_BandedAttention):
 
     def options(self):
         return {"stride": self.stride, "window": self.window, "causal": self.causal, "scale": self.scale}
-
-    @finite_policy
-    def forward(self, q, k, v, *, check_finite: bool = True):
-        """``out (..., N, Dv)`` and the cache for :meth:`backward`."""
-        return self._banded_forward(q, k, v, check_finite)
-
-    @finite_policy
-    def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:
-        """``Grads(dq, dk, dv, {})`` for the upstream gradient ``dout (..., N, Dv)``."""
-        return self._banded_backward(cache, dout, check_finite)
 
     def _stride(self):
         return self.stride
