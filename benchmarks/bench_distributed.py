@@ -108,7 +108,7 @@ def cluster(workers, memory_limit="auto", keep_freed_memory=True):
     if keep_freed_memory:
         environ.update(KEEP_FREED_MEMORY)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        c = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        c = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                          memory_limit=memory_limit, env={"NUMBA_NUM_THREADS": "1"})
     return c, Client(c, set_as_default=False)
 

@@ -124,7 +124,7 @@ if __name__ == "__main__":
 from distributed import Client, LocalCluster, futures_of, get_task_stream  # noqa: E402
 
 if __name__ == "__main__":                       # workers re-import the main module
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as client:
         dist = DistributedAttention(ea.LocalAttention(window=24))
         out, cache = dist.forward(q, k, v)

@@ -275,7 +275,7 @@ def test_bad_inputs_raise_clear_errors():
 # ------------------------------------------------------------------------------------ a real cluster
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as c:
         yield c
 
