@@ -1,18 +1,64 @@
 """The documentation site builds, warnings (broken references included) are errors."""
 import pathlib
+import re
 import subprocess
 import sys
+
+import pytest
+
+import efficient_attention as ea
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_docs_build_without_warnings(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """One build of the site for every test of this file: (completed process, html dir)."""
+    out = tmp_path_factory.mktemp("docs") / "html"
     res = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-                          str(ROOT / "docs"), str(tmp_path / "html")],
+                          str(ROOT / "docs"), str(out)],
                          capture_output=True, text=True, timeout=900)
+    return res, out
+
+
+def test_docs_build_without_warnings(site):
+    res, html = site
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert (tmp_path / "html" / "index.html").exists()
-    assert (tmp_path / "html" / "_static" / "mathjax").is_dir()      # math renders offline
+    assert (html / "index.html").exists()
+    assert (html / "_static" / "mathjax").is_dir()      # math renders offline
+
+
+def _object_ids(page: pathlib.Path) -> set[str]:
+    return set(re.findall(r'<dt class="sig sig-object py" id="([^"]+)"', page.read_text(encoding="utf-8")))
+
+
+def test_api_pages_list_forward_backward_cost_of_every_registered_core(site):
+    _, html = site
+    pages = {page: _object_ids(page) for page in sorted((html / "api").glob("*.html"))}
+    assert pages, "no API pages were built"
+    classes = {v.cls for v in ea.registry("core").values()}
+    assert len(classes) >= 10
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        assert getattr(ea, cls.__name__, None) is cls, f"{cls.__name__} is not a public name of the package"
+        public = f"efficient_attention.{cls.__name__}"
+        where = [page for page, ids in pages.items() if public in ids]
+        assert len(where) == 1, f"{public} is documented on {len(where)} API pages"
+        for method in ("forward", "backward", "cost"):
+            assert f"{public}.{method}" in pages[where[0]], f"{where[0].name} lacks {public}.{method}"
+
+
+def test_api_pages_show_public_names_and_link_numpy_scipy_python(site):
+    _, html = site
+    text = (html / "api" / "00_full_attention.html").read_text(encoding="utf-8")
+    assert "efficient_attention.dense.DenseAttention" not in re.sub(r"<[^>]+>", "", text)
+    assert 'id="efficient_attention.DenseAttention"' in text
+    assert re.search(r'<span class="sig-prename descclassname"><span class="pre">ea\.</span>', text)
+    every = "".join(p.read_text(encoding="utf-8") for p in (html / "api").glob("*.html"))
+    for url in ("https://numpy.org/doc/stable/reference/generated/numpy.ndarray.html#numpy.ndarray",
+                "https://docs.scipy.org/doc/scipy/reference/generated/scipy.sparse.csr_array.html"
+                "#scipy.sparse.csr_array",
+                "https://docs.python.org/3/library/functions.html#bool"):
+        assert url in every, f"no link to {url}"
 
 
 def test_every_chapter_page_is_in_the_toctree():
