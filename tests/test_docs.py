@@ -3,6 +3,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -59,6 +60,55 @@ def test_api_pages_show_public_names_and_link_numpy_scipy_python(site):
                 "#scipy.sparse.csr_array",
                 "https://docs.python.org/3/library/functions.html#bool"):
         assert url in every, f"no link to {url}"
+
+
+# --------------------------------------------------------------------------- pages whose code runs
+
+#: pages whose every ```python block runs, in order, in one namespace
+RUNNABLE_PAGES = ["get_started.md", "from_pytorch.md"]
+#: the first line of a block that needs PyTorch (not a dependency, not installed by the tests)
+NEEDS_TORCH = "# needs PyTorch"
+
+
+def _fences(page):
+    """(language, code) of every fenced block of a docs page."""
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    return re.findall(r"^```(\S*)\n(.*?)^```\s*$", text, flags=re.S | re.M)
+
+
+def _module(monkeypatch, name):
+    """A fresh module for a page's blocks, importable by name (torch.compile looks its globals up)."""
+    module = types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module.__dict__
+
+
+def _torch_blocks():
+    return [(page, i) for page in RUNNABLE_PAGES
+            for i, (lang, code) in enumerate(_fences(page)) if lang == "python" and code.startswith(NEEDS_TORCH)]
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+def test_the_python_blocks_of_the_page_run(page, capsys, monkeypatch):
+    fences = _fences(page)
+    assert {lang for lang, _ in fences} <= {"python", "bash"}, "a code block that is neither run nor a shell line"
+    blocks = [code for lang, code in fences if lang == "python" and not code.startswith(NEEDS_TORCH)]
+    assert len(blocks) >= 3
+    namespace = _module(monkeypatch, "docs_page_blocks")
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"{page}, python block {i}", "exec"), namespace)
+    assert capsys.readouterr().out.strip()                         # the blocks print what they show
+
+
+def test_few_blocks_need_torch():
+    assert 1 <= len(_torch_blocks()) <= 3
+
+
+@pytest.mark.parametrize("page, index", _torch_blocks(), ids=lambda x: str(x))
+def test_the_blocks_that_need_torch_run_where_it_is_installed(page, index, monkeypatch):
+    pytest.importorskip("torch", reason=f"{page} python block {index} needs PyTorch, which is not installed")
+    code = _fences(page)[index][1]
+    exec(compile(code, f"{page}, python block {index}", "exec"), _module(monkeypatch, "docs_torch_block"))
 
 
 def test_every_chapter_page_is_in_the_toctree():
