@@ -13,13 +13,23 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath("_ext"))
+
+# The notebooks run in Jupyter kernels started from this process: they import this checkout,
+# show their pictures inline, run at their small default sizes and rewrite no picture of docs/img.
+os.environ["PYTHONPATH"] = os.pathsep.join([os.path.abspath("..")] + [
+    p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+for _name in ("EA_FULL", "EA_SAVE_IMG"):
+    os.environ.pop(_name, None)
 
 project = "efficient_attention"
 author = "the efficient_attention developers"
 copyright = "2026, " + author
 
 extensions = [
-    "myst_parser",
+    "myst_nb",                  # MyST Markdown pages and executed notebooks (includes myst_parser)
+    "ea_notebooks",             # docs/_ext: the notebooks' reader and download links
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
@@ -27,11 +37,22 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx-mathjax-offline",   # serves MathJax from the package: math renders without a network
 ]
-source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb"}   # myst-nb adds .py (nb_custom_formats)
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
-exclude_patterns = ["_build", "_inventories", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_inventories", "_ext", "conf.py", "Thumbs.db", ".DS_Store"]
 suppress_warnings = ["myst.header"]
+
+# -- notebooks (myst-nb) ---------------------------------------------------------------
+# notebooks/*.py are Jupytext percent scripts; docs/notebooks links to that directory.
+# Every build executes them (small sizes: about a minute in all on two cores), so the pages
+# show what the code does today; an error in a notebook fails the build.
+nb_custom_formats = {".py": "ea_notebooks.read_script"}
+nb_execution_mode = "force"
+nb_execution_timeout = 600
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
 
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True

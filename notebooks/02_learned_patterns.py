@@ -36,11 +36,11 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
-from efficient_attention.plot import plot_sort_matrix
+from efficient_attention.plot import plot_sort_matrix, show
 from efficient_attention.sinkhorn import SinkhornAttention
 
 FULL = os.environ.get("EA_FULL") == "1"
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+IMG = (Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()).parent / "docs" / "img"   # a notebook runs in its directory
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -101,7 +101,7 @@ def draw_sort_matrices(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]
@@ -142,7 +142,7 @@ def draw_patterns(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]
@@ -284,7 +284,7 @@ def draw_training(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]

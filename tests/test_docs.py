@@ -62,6 +62,22 @@ def test_api_pages_show_public_names_and_link_numpy_scipy_python(site):
         assert url in every, f"no link to {url}"
 
 
+def test_notebooks_are_rendered_with_their_outputs_pictures_and_a_download_link(site):
+    _, html = site
+    scripts = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+    assert len(scripts) >= 10
+    for script in scripts:
+        page = html / "notebooks" / (script.stem + ".html")
+        assert page.exists(), f"{script.name} is not rendered"
+        text = page.read_text(encoding="utf-8")
+        assert text.count('class="cell_output') >= 1, f"{page.name} shows no output"
+        assert re.search(r'class="reference download internal"[^>]*href="[^"]*/' + re.escape(script.name), text), \
+            f"{page.name} has no link to its script"
+        if script.stem != "07_long_range":                 # its chart is written to a file, not shown
+            assert "<img" in text, f"{page.name} shows no picture"
+        assert "Traceback" not in text, f"{page.name} shows an error"
+
+
 # --------------------------------------------------------------------------- pages whose code runs
 
 #: pages whose every ```python block runs, in order, in one namespace
