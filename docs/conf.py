@@ -203,3 +203,5 @@ def setup(app):
 
 html_theme = "furo"
 html_title = "efficient_attention"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]

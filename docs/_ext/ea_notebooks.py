@@ -17,17 +17,17 @@ def read_script(text: str):
 
 
 def _download_link(app, docname, source):
-    """Put a cell with the download link to the script after the script's header."""
+    """Put a cell with the download link to the script after the script's first cell (its title)."""
     if not docname.startswith("notebooks/"):
         return
     name = docname.split("/", 1)[1] + ".py"
     cell = (f"# %% [markdown]\n# {{download}}`Download the script {name} <{name}>` "
-            f"(runs as it is: `python notebooks/{name}`; `EA_FULL=1` for the full sizes). "
-            "The outputs below are from running it at its small default sizes when these "
+            f"(it runs as it is: `python notebooks/{name}`; `EA_FULL=1` for the full sizes). "
+            "The outputs below are those of a run at its small default sizes, when these "
             "pages were built.\n\n")
     text = source[0]
-    header = re.match(r"(# ---\n(?:#.*\n)*?# ---\n\n?)", text)
-    at = header.end() if header else 0
+    cells = [m.start() for m in re.finditer(r"^# %%", text, flags=re.M)]
+    at = cells[1] if len(cells) > 1 else len(text)
     source[0] = text[:at] + cell + text[at:]
 
 
