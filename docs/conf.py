@@ -4,7 +4,9 @@ Why this stack: Sphinx + myst-parser + furo is the maintained standard in the
 Python ecosystem (MkDocs 1.x is unmaintained and Material for MkDocs is in
 maintenance mode); Sphinx's autodoc builds the API reference from the same
 docstrings the code is read by, MyST lets the chapter pages be plain Markdown
-with ``$...$`` math that also renders on GitHub, and the build runs offline.
+with ``$...$`` math that also renders on GitHub, myst-nb executes the Jupytext notebooks
+into pages with their outputs, and the build runs offline (MathJax from a package, the
+intersphinx inventories from docs/_inventories).
 Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``
 (the test suite runs exactly this; warnings, including broken references,
 fail it).
