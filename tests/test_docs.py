@@ -127,6 +127,13 @@ def test_the_blocks_that_need_torch_run_where_it_is_installed(page, index, monke
     exec(compile(code, f"{page}, python block {index}", "exec"), _module(monkeypatch, "docs_torch_block"))
 
 
+def test_every_notebook_has_a_row_with_its_download_link():
+    table = (ROOT / "docs" / "notebooks.md").read_text()
+    for script in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+        assert f"<notebooks/{script.stem}>`" in table, f"{script.name} is not in docs/notebooks.md"
+        assert f"<../notebooks/{script.name}>`" in table, f"docs/notebooks.md has no download of {script.name}"
+
+
 def test_every_chapter_page_is_in_the_toctree():
     index = (ROOT / "docs" / "index.md").read_text()
     for page in sorted((ROOT / "docs" / "chapters").glob("*.md")):
