@@ -1,4 +1,7 @@
-"""The documentation site builds, warnings (broken references included) are errors."""
+"""The documentation site: it builds with warnings (broken references included) as errors,
+the notebooks executed into it; the API pages document every public name and every core's
+forward, backward and cost; the code of the Get-started and PyTorch pages runs."""
+import inspect
 import pathlib
 import re
 import subprocess
@@ -46,6 +49,15 @@ def test_api_pages_list_forward_backward_cost_of_every_registered_core(site):
         assert len(where) == 1, f"{public} is documented on {len(where)} API pages"
         for method in ("forward", "backward", "cost"):
             assert f"{public}.{method}" in pages[where[0]], f"{where[0].name} lacks {public}.{method}"
+
+
+def test_every_public_name_is_on_an_api_page_by_its_public_name(site):
+    _, html = site
+    text = "".join(p.read_text(encoding="utf-8") for p in (html / "api").glob("*.html"))
+    for name in ea.__all__:
+        obj = getattr(ea, name)
+        anchor = f'id="module-efficient_attention.{name}"' if inspect.ismodule(obj) else f'id="efficient_attention.{name}"'
+        assert anchor in text, f"ea.{name} is not on an API page as efficient_attention.{name}"
 
 
 def test_api_pages_show_public_names_and_link_numpy_scipy_python(site):
