@@ -90,6 +90,38 @@ def test_notebooks_are_rendered_with_their_outputs_pictures_and_a_download_link(
         assert "Traceback" not in text, f"{page.name} shows an error"
 
 
+#: the full inventories the hand-kept ones were copied from (Debian's python3.11-doc, python-scipy-doc)
+PACKAGED_INVENTORIES = {"python.txt": "/usr/share/doc/python3.11/html/objects.inv",
+                        "scipy.txt": "/usr/share/doc/python-scipy-doc/html/objects.inv"}
+
+
+def _hand_kept(name):
+    """(name, domain:role) -> address of docs/_inventories/<name>, '$' expanded."""
+    entries = {}
+    for line in (ROOT / "docs" / "_inventories" / name).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = re.match(r"(.+?)\s+(\S+:\S+)\s+(-?\d+)\s+(\S+)\s+(.*)", line)
+            assert m, f"{name}: not an inventory line: {line!r}"
+            uri = m[4][:-1] + m[1] if m[4].endswith("$") else m[4]
+            entries[m[1], m[2]] = uri
+    return entries
+
+
+@pytest.mark.parametrize("name", ["python.txt", "numpy.txt", "scipy.txt"])
+def test_hand_kept_inventories_parse_and_agree_with_the_packaged_ones(name):
+    entries = _hand_kept(name)
+    assert len(entries) >= 5
+    packaged = PACKAGED_INVENTORIES.get(name)
+    if packaged is None or not pathlib.Path(packaged).exists():
+        return                                   # numpy.txt has no packaged source; elsewhere: parsed only
+    from sphinx.util.inventory import InventoryFile
+    with open(packaged, "rb") as f:
+        full = InventoryFile.load(f, "", lambda base, uri: uri)
+    for (obj, role), uri in entries.items():
+        assert obj in full.get(role, {}), f"{name}: {obj} ({role}) is not in {packaged}"
+        assert full[role][obj].uri == uri, f"{name}: {obj} is at {full[role][obj].uri}, not {uri}"
+
+
 # --------------------------------------------------------------------------- pages whose code runs
 
 #: pages whose every ```python block runs, in order, in one namespace
