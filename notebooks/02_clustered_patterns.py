@@ -39,7 +39,7 @@ from efficient_attention.plot import show
 from efficient_attention.routing import RoutingAttention, kmeans_update
 
 FULL = os.environ.get("EA_FULL") == "1"
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # Jupyter: cwd
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 IMG = HERE.parent / "docs" / "img"
 rng = np.random.default_rng(0)
 

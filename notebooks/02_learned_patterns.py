@@ -40,7 +40,7 @@ from efficient_attention.plot import plot_sort_matrix, show
 from efficient_attention.sinkhorn import SinkhornAttention
 
 FULL = os.environ.get("EA_FULL") == "1"
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # Jupyter: cwd
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 IMG = HERE.parent / "docs" / "img"
 rng = np.random.default_rng(0)
 

@@ -45,7 +45,7 @@ from efficient_attention.plot import show
 
 FULL = os.environ.get("EA_FULL") == "1"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # Jupyter: cwd
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 IMG = HERE.parent / "docs" / "img"
 rng = np.random.default_rng(0)
 

@@ -41,7 +41,7 @@ from efficient_attention.synthesizer import (DenseSynthesizer, FactorizedRandomS
                                              RandomSynthesizer)
 
 FULL = os.environ.get("EA_FULL") == "1"
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # Jupyter: cwd
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 IMG = HERE.parent / "docs" / "img"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"          # rewrite docs/img/05_*.png (off in CI)
 rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ from efficient_attention.mixers import FourierMixer, GatedMLP, SpatialGatingUnit
 from efficient_attention.plot import show
 
 FULL = os.environ.get("EA_FULL") == "1"
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # Jupyter: cwd
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 IMG = HERE.parent / "docs" / "img"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"          # rewrite docs/img/06_*.png (off in CI)
 rng = np.random.default_rng(0)
