@@ -118,9 +118,46 @@ class AttentionCore:
     causal: bool = False
 
     def forward(self, q, k, v, *, check_finite: bool = True):  # pragma: no cover - abstract
+        """The output and what ``backward`` needs.
+
+        Parameters
+        ----------
+        q : numpy.ndarray
+            Queries, ``(..., N, D)``: any number of leading batch (and head) axes.
+        k : numpy.ndarray
+            Keys, ``(..., M, D)``.
+        v : numpy.ndarray
+            Values, ``(..., M, Dv)``.
+        check_finite : bool
+            Reject NaN and Inf in ``q, k, v`` (``ValueError``); False lets them propagate.
+
+        Returns
+        -------
+        out : numpy.ndarray
+            ``(..., N, Dv)``, float32 when ``q, k, v`` are all float32, else float64.
+        cache : NamedTuple
+            Exactly what ``backward`` needs; pass it back unchanged, to this core only.
+        """
         raise NotImplementedError
 
     def backward(self, cache, dout, *, check_finite: bool = True) -> Grads:  # pragma: no cover - abstract
+        """The gradients of ``sum(out * dout)`` with respect to ``q, k, v`` and ``params``.
+
+        Parameters
+        ----------
+        cache : NamedTuple
+            The second return value of this core's ``forward``.
+        dout : numpy.ndarray
+            The upstream gradient, the shape and dtype of ``out``.
+        check_finite : bool
+            Reject NaN and Inf in ``dout`` (``ValueError``).
+
+        Returns
+        -------
+        Grads
+            ``Grads(dq, dk, dv, params)``, each the shape of its input; ``params`` maps
+            every name of ``self.params`` to its gradient.
+        """
         raise NotImplementedError
 
     def __call__(self, q, k, v, **kwargs) -> np.ndarray:
@@ -134,6 +171,28 @@ class AttentionCore:
 
     def cost(self, n: int, d: int, dv: int | None = None, m: int | None = None,
              *, backward: bool = False) -> Cost:  # pragma: no cover - abstract
+        """Analytic cost of ``forward`` (or, with ``backward=True``, of ``backward``) on one
+        sequence of one head.
+
+        Parameters
+        ----------
+        n : int
+            Queries ``N``.
+        d : int
+            Query/key width ``D``.
+        dv : int, optional
+            Value width ``Dv`` (``d`` when None).
+        m : int, optional
+            Keys ``M`` (``n`` when None).
+        backward : bool
+            The cost of the backward pass instead of the forward pass.
+
+        Returns
+        -------
+        Cost
+            ``Cost(flops, memory)``: FLOPs of the matrix products (a multiply-add counts 2)
+            and the peak number of scalars held.
+        """
         raise NotImplementedError
 
     def dense_mask(self, n: int, m: int | None = None):
@@ -169,19 +228,57 @@ class SequenceLayer:
     """Base class of sequence layers ``x -> y`` (shape ``(..., N, D)`` both)."""
 
     def forward(self, x, *, check_finite: bool = True):  # pragma: no cover - abstract
+        """The output and what ``backward`` needs.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            ``(..., N, D)``: any number of leading batch axes.
+        check_finite : bool
+            Reject NaN and Inf in ``x`` (``ValueError``); False lets them propagate.
+
+        Returns
+        -------
+        y : numpy.ndarray
+            ``(..., N, D)``, float32 when ``x`` is float32, else float64.
+        cache : NamedTuple
+            Exactly what ``backward`` needs; pass it back unchanged, to this layer only.
+        """
         raise NotImplementedError
 
     def backward(self, cache, dy, *, check_finite: bool = True) -> LayerGrads:  # pragma: no cover - abstract
+        """The gradients of ``sum(y * dy)`` with respect to ``x`` and ``params``.
+
+        Parameters
+        ----------
+        cache : NamedTuple
+            The second return value of this layer's ``forward``.
+        dy : numpy.ndarray
+            The upstream gradient, the shape and dtype of ``y``.
+        check_finite : bool
+            Reject NaN and Inf in ``dy`` (``ValueError``).
+
+        Returns
+        -------
+        LayerGrads
+            ``LayerGrads(dx, params)``; ``params`` maps every name of ``self.params`` to its
+            gradient, in the parameter's own dtype.
+        """
         raise NotImplementedError
 
     def __call__(self, x, **kwargs) -> np.ndarray:
+        """The output of ``forward`` alone."""
         return self.forward(x, **kwargs)[0]
 
     @property
     def params(self) -> dict:
+        """Name -> the live ndarray of each learnable parameter ({} if none)."""
         return {}
 
     def cost(self, n: int, d: int, *, backward: bool = False) -> Cost:  # pragma: no cover
+        """Analytic cost of ``forward`` (or ``backward``) on one sequence of length ``n`` and
+        width ``d``: ``Cost(flops, memory)``, FLOPs of the matrix products (a multiply-add
+        counts 2) and the peak number of scalars held."""
         raise NotImplementedError
 
 

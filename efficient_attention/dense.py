@@ -112,6 +112,30 @@ class DenseAttention(AttentionCore):
 
     @finite_policy
     def forward(self, q, k, v, mask=None, *, check_finite: bool = True):
+        """The output and what ``backward`` needs.
+
+        Parameters
+        ----------
+        q : numpy.ndarray
+            Queries, ``(..., N, D)``: any number of leading batch (and head) axes.
+        k : numpy.ndarray
+            Keys, ``(..., M, D)``.
+        v : numpy.ndarray
+            Values, ``(..., M, Dv)``.
+        mask : numpy.ndarray or scipy.sparse.csr_array, optional
+            Boolean, True where query ``i`` may attend to key ``j``: an array broadcastable
+            to ``(..., N, M)`` or a ``scipy.sparse`` ``(N, M)`` pattern; combined with
+            ``causal`` by logical and.
+        check_finite : bool
+            Reject NaN and Inf in ``q, k, v`` (``ValueError``); False lets them propagate.
+
+        Returns
+        -------
+        out : numpy.ndarray
+            ``(..., N, Dv)``, float32 when ``q, k, v`` are all float32, else float64.
+        cache : NamedTuple
+            Exactly what ``backward`` needs; pass it back unchanged, to this core only.
+        """
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         n, m = q.shape[-2], k.shape[-2]
         mask = check_mask(mask, n, m, q.shape[:-2])

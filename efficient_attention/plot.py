@@ -68,6 +68,31 @@ def pyplot():
     return plt
 
 
+def show(figure) -> None:
+    """Show a figure (or a saved picture, given its path) in a running Jupyter notebook, then
+    close the figure; in a script or a test it only closes it.
+
+    The notebooks call it after each picture: the rendered docs show the picture, a headless
+    run (``MPLBACKEND=Agg python notebooks/...``) draws nothing on screen and keeps no figure open.
+    """
+    import os
+    import sys
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    in_notebook = getattr(shell, "kernel", None) is not None
+    if isinstance(figure, (str, os.PathLike)):
+        if in_notebook:
+            from IPython.display import Image, display
+            display(Image(filename=os.fspath(figure)))
+        return
+    if in_notebook:                       # as a PNG, whatever backend the notebook switched to
+        import io
+        from IPython.display import Image, display
+        png = io.BytesIO()
+        figure.savefig(png, format="png", bbox_inches="tight")
+        display(Image(data=png.getvalue()))
+    pyplot().close(figure)
+
+
 # --------------------------------------------------------------------------- patterns (chapter 1)
 
 def plot_pattern(pattern, ax=None, path=None, *, labels=None, colors=None, title=None, max_size: int = 256):

@@ -75,6 +75,7 @@ try:
 except ImportError:
     plt = None
 if plt is not None:
+    from efficient_attention.plot import show
     n_pic = 16
     qp, kp = rng.standard_normal((2, n_pic, 8))
     probs = ea.softmax.softmax(qp @ kp.T / np.sqrt(8), ea.causal_mask(n_pic))
@@ -87,7 +88,7 @@ if plt is not None:
         ax.set_xlabel("key j")
         ax.set_ylabel("query i")
     fig.tight_layout()
-    plt.close(fig)
+    show(fig)                      # in Jupyter: the picture; in a script: closed
 
 # %% [markdown]
 # ## Time it: quadratic in N

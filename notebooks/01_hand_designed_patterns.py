@@ -31,6 +31,7 @@ import efficient_attention as ea
 from efficient_attention import patterns as P
 from efficient_attention.bench import median_time
 from efficient_attention.figures import hand_designed_figures
+from efficient_attention.plot import show
 from efficient_attention.sparse import GlobalAttention, SparseAttention
 from efficient_attention.testing import assert_attention_close
 
@@ -66,6 +67,7 @@ else:
     img_dir = tempfile.mkdtemp(prefix="ea_patterns_")
 for path in hand_designed_figures(img_dir):
     print("drew", path)
+    show(path)                                          # in Jupyter: the picture
 
 # %% [markdown]
 # ## Check against the dense oracle
@@ -149,6 +151,7 @@ from efficient_attention.figures import engine_figures  # noqa: E402
 
 for path in engine_figures(img_dir):
     print("drew", path)
+    show(path)                                          # in Jupyter: the picture
 n = 300
 docs = np.repeat(np.arange(4), [70, 30, 150, 50])
 

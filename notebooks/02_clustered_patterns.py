@@ -35,10 +35,12 @@ from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
 from efficient_attention.lsh import LSHAttention, hash_buckets
 from efficient_attention.figures import clustered_figures
+from efficient_attention.plot import show
 from efficient_attention.routing import RoutingAttention, kmeans_update
 
 FULL = os.environ.get("EA_FULL") == "1"
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+IMG = HERE.parent / "docs" / "img"
 rng = np.random.default_rng(0)
 
 
@@ -89,12 +91,16 @@ print("exact mode vs masked dense:", np.abs(core(q, None, v)[0] - ref).max())
 # sizes. We do **not** wrap around (chunk 0 does not see the last chunk).
 
 # %%
-paths = clustered_figures(IMG)
+if os.environ.get("EA_SAVE_IMG") == "1":      # rewrite docs/img/02_lsh_*.png, 02_routing.png (off in CI)
+    img_dir = IMG
+else:
+    import tempfile
+    img_dir = Path(tempfile.mkdtemp(prefix="ea_clustered_"))
+paths = clustered_figures(img_dir)
 print("\n".join(str(p) for p in paths))
+show(img_dir / "02_lsh_sorting.png")           # in Jupyter: the picture (the others further down)
 
 # %% [markdown]
-# ![](../docs/img/02_lsh_sorting.png)
-#
 # The chunked output equals dense attention masked with `pattern()`, for shared
 # and separate QK, causal or not, and `N` not a multiple of the chunk (the last
 # chunk is shorter):
@@ -139,9 +145,9 @@ for rounds in (1, 2, 4, 8):
     print(f"{rounds} rounds: relative error vs full attention: exact buckets "
           f"{bench.rel_error(exact, full):.3f}, chunks of 32 {bench.rel_error(chunked, full):.3f}")
 
+show(img_dir / "02_lsh_rounds.png")
+
 # %% [markdown]
-# ![](../docs/img/02_lsh_rounds.png)
-#
 # ## Gradients
 # Buckets are piecewise constant, so the backward pass differentiates the
 # masked softmax with the buckets fixed; with shared QK the key gradient flows
@@ -177,9 +183,9 @@ print("routing vs masked dense:",
       np.abs(out - DenseAttention()(x, x, x, mask=core.pattern(x, x).toarray())).max())
 print("cluster sizes:", np.bincount(core.assign(x), minlength=4))
 
+show(img_dir / "02_routing.png")
+
 # %% [markdown]
-# ![](../docs/img/02_routing.png)
-#
 # ## Time
 # float32, D = 64, chunk 64, `n_buckets = N/64`, 4 rounds (the benchmark script
 # `benchmarks/bench_lsh.py` goes to N = 262144 with 8 heads).

@@ -36,11 +36,12 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention import bench
 from efficient_attention.dense import DenseAttention
-from efficient_attention.plot import plot_sort_matrix
+from efficient_attention.plot import plot_sort_matrix, show
 from efficient_attention.sinkhorn import SinkhornAttention
 
 FULL = os.environ.get("EA_FULL") == "1"
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+IMG = HERE.parent / "docs" / "img"
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -101,7 +102,7 @@ def draw_sort_matrices(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]
@@ -142,7 +143,7 @@ def draw_patterns(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]
@@ -284,7 +285,7 @@ def draw_training(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]

@@ -33,9 +33,11 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention.dense import DenseAttention
 from efficient_attention.lowrank import CompressedAttention, LinformerAttention, visible_counts
+from efficient_attention.plot import show
 
 FULL = os.environ.get("EA_FULL") == "1"
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+IMG = HERE.parent / "docs" / "img"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"          # rewrite docs/img/03_*.png (off in CI)
 rng = np.random.default_rng(0)
 
@@ -113,7 +115,7 @@ def draw_representatives(m=24, k=6, c=3, path=None):
     return fig
 
 
-draw_representatives(path=IMG / "03_representatives.png" if SAVE else None)
+show(draw_representatives(path=IMG / "03_representatives.png" if SAVE else None))
 
 # %% [markdown]
 # ## 4. Causal compressed attention never reads the future
@@ -180,5 +182,5 @@ with threadpool_limits(limits=1, user_api="blas"):
     rows = time_variants(ns)
 for name, n_, t_ in rows:
     print(f"{name:16s} N={n_:6d} {1e3 * t_:8.2f} ms")
-draw_times(rows, path=IMG / "03_scaling.png" if SAVE else None)
+show(draw_times(rows, path=IMG / "03_scaling.png" if SAVE else None))
 print(f"timing took {time.perf_counter() - t0:.1f} s")

@@ -41,10 +41,12 @@ from efficient_attention.dense import DenseAttention, causal_mask
 from efficient_attention.feature_maps import (EluFeatureMap, PerformerFeatureMap,
                                               RandomFourierFeatureMap)
 from efficient_attention.linear import EfficientAttention, LinearAttention
+from efficient_attention.plot import show
 
 FULL = os.environ.get("EA_FULL") == "1"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+IMG = HERE.parent / "docs" / "img"
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -111,7 +113,7 @@ def draw_counts(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]
@@ -205,7 +207,7 @@ def draw_accuracy(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path)
-    plt.close(fig)
+    show(fig)
 
 
 # %% [markdown]
@@ -250,7 +252,7 @@ def draw_timing(path=None):
     fig.tight_layout()
     if path:
         fig.savefig(path)
-    plt.close(fig)
+    show(fig)
 
 
 # %%

@@ -36,11 +36,13 @@ import efficient_attention as ea
 from efficient_attention.bench import median_time
 from efficient_attention.dense import DenseAttention
 from efficient_attention.layers import MultiHeadAttention
+from efficient_attention.plot import show
 from efficient_attention.synthesizer import (DenseSynthesizer, FactorizedRandomSynthesizer,
                                              RandomSynthesizer)
 
 FULL = os.environ.get("EA_FULL") == "1"
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+IMG = HERE.parent / "docs" / "img"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"          # rewrite docs/img/05_*.png (off in CI)
 rng = np.random.default_rng(0)
 
@@ -167,7 +169,7 @@ def draw_synthesizer_matrices(path=None, n=16, d=8, seed=0):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=70)
-    plt.close(fig)
+    show(fig)
     return mats
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import efficient_attention as ea
 from efficient_attention import bench
 from efficient_attention.distributed import DistributedAttention
+from efficient_attention.plot import show
 
 FULL = os.environ.get("EA_FULL") == "1"
 SAVE = os.environ.get("EA_SAVE_IMG") == "1"
@@ -179,7 +180,7 @@ def draw_halo(path):
     ax.text(2, 3.6, "backward: the halo's dK, dV\nare added to shards 0 and 2", ha="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    show(fig)
 
 
 def draw_pairs(path):
@@ -198,7 +199,7 @@ def draw_pairs(path):
     ax.set_xlabel(r"$O_i = \sum_j e^{\ell_{ij}-\ell_i} O_{ij},\ \ell_i = \log\sum_j e^{\ell_{ij}}$", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    show(fig)
 
 
 def draw_scan(path):
@@ -220,7 +221,7 @@ def draw_scan(path):
             ax.text(a + 1.0, 1.72, f"$+\\varphi(K_{a})^\\top V_{a}$", ha="center", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    show(fig)
 
 
 if plt is not None and __name__ == "__main__":

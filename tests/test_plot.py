@@ -222,3 +222,26 @@ def test_clustered_figures(tmp_path, kept_figures):
     routing = RoutingAttention(np.random.default_rng(1).standard_normal((4, 8)))
     np.testing.assert_array_equal(np.asarray(kept_figures[2].axes[0].images[0].get_array()) > 0,
                                   routing.pattern(q, q).toarray())
+
+
+def test_show_closes_outside_a_notebook_and_displays_inside_one(plt, monkeypatch, tmp_path):
+    import types
+    fig = plt.figure()
+    plot.show(fig)                                       # a script: closed, nothing displayed
+    assert not plt.fignum_exists(fig.number)
+    path = tmp_path / "p.png"
+    plot.show(path)                                      # a path outside a notebook: nothing to do
+
+    shown = []
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: types.SimpleNamespace(kernel=object())    # a Jupyter kernel's shell
+    display = types.ModuleType("IPython.display")
+    display.display = shown.append
+    display.Image = lambda data=None, filename=None: ("Image", filename or data[:8])
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    fig = plt.figure()
+    plot.show(fig)
+    plot.show(path)
+    assert shown == [("Image", b"\x89PNG\r\n\x1a\n"), ("Image", str(path))]    # the figure as a PNG, the file
+    assert not plt.fignum_exists(fig.number)
