@@ -87,9 +87,10 @@ benchmark machine, see ``benchmarks/bench_blocksparse.py``):
     previous setting is restored after the call).
 ``ENGINE_PAIR_COST``
     the cost of an allowed pair on the row-CSR path of
-    :class:`~efficient_attention.SparseAttention`, relative to a computed pair of a tile. Thin
-    partial tiles — the column of a global token crossing a tile, a few random keys — are
-    cheaper pair by pair: they are split off the layout and computed by the row-CSR kernels,
+    :class:`~efficient_attention.SparseAttention`, relative to a computed pair of a tile (a
+    partial tile is computed on the bounding box of its allowed pairs: a global token's column
+    crossing a tile costs one column). Thin partial tiles — a few random keys spread over a
+    tile — are cheaper pair by pair: they are split off the layout and computed by the row-CSR kernels,
     and the two parts merged with their log-sum-exps (:math:`\ell = \log(e^{\ell_1} +
     e^{\ell_2})`, :math:`O = e^{\ell_1-\ell} O_1 + e^{\ell_2-\ell} O_2`; the backward of each
     part uses the merged :math:`\ell` and :math:`\delta`, so their gradients simply add).
