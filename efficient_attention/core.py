@@ -251,12 +251,10 @@ class SequenceLayer:
 
         Parameters
         ----------
-        cache : NamedTuple
-            The second return value of this layer's ``forward``.
-        dy : numpy.ndarray
-            The upstream gradient, the shape and dtype of ``y``.
-        check_finite : bool
-            Reject NaN and Inf in ``dy`` (``ValueError``).
+        cache, dy, check_finite
+            As for :meth:`~efficient_attention.AttentionCore.backward`, with the layer's output ``y`` and its
+            upstream gradient ``dy`` (the shape and dtype of ``y``) in place of ``out`` and
+            ``dout``.
 
         Returns
         -------

@@ -112,29 +112,22 @@ class DenseAttention(AttentionCore):
 
     @finite_policy
     def forward(self, q, k, v, mask=None, *, check_finite: bool = True):
-        """The output and what ``backward`` needs.
+        """The output and what ``backward`` needs, with a mask.
 
         Parameters
         ----------
-        q : numpy.ndarray
-            Queries, ``(..., N, D)``: any number of leading batch (and head) axes.
-        k : numpy.ndarray
-            Keys, ``(..., M, D)``.
-        v : numpy.ndarray
-            Values, ``(..., M, Dv)``.
+        q, k, v, check_finite
+            As for :meth:`~efficient_attention.AttentionCore.forward`: ``(..., N, D)``, ``(..., M, D)``,
+            ``(..., M, Dv)``.
         mask : numpy.ndarray or scipy.sparse.csr_array, optional
             Boolean, True where query ``i`` may attend to key ``j``: an array broadcastable
             to ``(..., N, M)`` or a ``scipy.sparse`` ``(N, M)`` pattern; combined with
             ``causal`` by logical and.
-        check_finite : bool
-            Reject NaN and Inf in ``q, k, v`` (``ValueError``); False lets them propagate.
 
         Returns
         -------
-        out : numpy.ndarray
-            ``(..., N, Dv)``, float32 when ``q, k, v`` are all float32, else float64.
-        cache : NamedTuple
-            Exactly what ``backward`` needs; pass it back unchanged, to this core only.
+        out, cache
+            As for :meth:`~efficient_attention.AttentionCore.forward`.
         """
         q, k, v = check_qkv(q, k, v, check_finite=check_finite)
         n, m = q.shape[-2], k.shape[-2]
