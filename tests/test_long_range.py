@@ -259,7 +259,7 @@ def _rows(k):
 def test_chart_labels_do_not_overlap_even_when_points_coincide(tmp_path):
     pytest.importorskip("matplotlib")
     boxes = blr.draw_chart(_rows(36), tmp_path / "c.png", "36 points within 1 % of each other")
-    assert len(boxes) == 36 and blr.overlaps(boxes) == []
+    assert len(boxes) == 2 * 36 and blr.overlaps(boxes) == []            # 36 numbers, 36 names
 
 
 def test_overlaps_finds_overlapping_boxes():
