@@ -82,16 +82,12 @@ LRA_TABLE2_4K = {  # model: (steps per second, peak memory GB) at 4K
     "BigBird": (1.5, 2.88), "Linear Trans.": (7.8, 1.03), "Performer": (8.0, 1.06),
 }
 
-#: Beyond LRA's set and the engine, the registry's other families, one each where they share
-#: a mechanism with a row above (hubs, clusters, pooling, other feature maps, learned mixing,
-#: a multi-head pattern set); the full list (``--variants``) did not fit the session's budget.
-MORE = ["global", "routing", "compressed", "efficient", "rfa", "synth_random", "fnet", "mha_bigbird"]
-
-
 def default_variants():
-    reg = ea.registry()
-    engine = [n for n in reg if n.startswith("engine_") and "causal" not in n]
-    return [n for n in LRA_NAMES if n in reg] + engine + [n for n in MORE if n in reg]
+    """LRA's set, then the engine's softmax patterns, then the rest of the registry, causal forms left out."""
+    reg = [n for n in ea.registry() if "causal" not in n]
+    engine = [n for n in reg if n.startswith("engine_")]
+    return ([n for n in LRA_NAMES if n in reg] + engine
+            + [n for n in reg if n not in LRA_NAMES and n not in engine])
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -337,6 +333,7 @@ def _jobs(args, variants, seeds):
                "--tasks", *tasks, "--seeds", *map(str, shard_seeds), "--variants", *variants]
         env = dict(os.environ, NUMBA_NUM_THREADS="1")                 # one core per worker
         procs.append((subprocess.Popen(cmd, env=env), out))
+        print(f"worker {i}: {len(shard)} (seed, task) units, records in {out}", file=sys.stderr, flush=True)
     records = []
     for p, out in procs:
         if p.wait() != 0:
