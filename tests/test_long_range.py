@@ -281,3 +281,17 @@ def test_summary_and_spearman():
     rho, k = blr.spearman([1, 2, 3, 4], [10, 20, 40, 30])
     assert k == 4 and rho == pytest.approx(0.8)
     assert blr.spearman([1, None, 3], [1, 2, None]) == (None, 1)
+
+
+def test_quick_with_two_workers_merges_their_records(tmp_path):
+    """--jobs 2: the (seed, task) units split between two worker processes, the records merged
+    in the order task, variant, seed."""
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_long_range.py"), "--quick",
+                          "--jobs", "2", "--variants", "dense", "local", "--json", str(out)],
+                         cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [(r["task"], r["variant"]) for r in records] == [(t, v) for t in lt.TASKS for v in ("dense", "local")]
+    assert "2 worker processes side by side" in res.stdout
