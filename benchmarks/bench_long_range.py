@@ -384,7 +384,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="N = 64, 6 steps, 3 variants, 1 seed (seconds)")
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=600, help="Adam steps per run (default 600)")
+    p.add_argument("--steps", type=int, default=300, help="Adam steps per run (default 300)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--lr", type=float, default=LR, help=f"Adam's learning rate (default {LR:g})")
     p.add_argument("--eval-size", type=int, default=512, help="test sequences per task (default 512)")

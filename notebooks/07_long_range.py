@@ -53,7 +53,7 @@ for task in ("retrieval", "local"):
 # ## Train a few variants on the three tasks
 
 # %%
-n, steps, batch = (256, 600, 16) if FULL else (64, 20, 8)
+n, steps, batch = (256, 300, 16) if FULL else (64, 20, 8)
 variants = lra.default_variants() if FULL else ["dense", "local", "linear_elu"]
 records = [lra.run(task, name, n, seed=0, steps=steps, batch=batch, eval_size=64)
            for name in variants for task in lra_tasks.TASKS]
