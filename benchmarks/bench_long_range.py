@@ -133,6 +133,51 @@ def run(task, variant_name, n, seed, *, steps, batch, eval_size, lr=LR):
     return rec
 
 
+def retime(records, rounds=5):
+    """Time one training step of every run again, side by side, in this process on one thread.
+
+    The runs train one after another for an hour on a machine whose load changes, so their own
+    step times (kept as ``train_ms_per_step``) compare variants timed under different loads.
+    Here every (task, variant, seed) gets a fresh model and ``rounds`` rounds in which each takes
+    one step in turn (after one warm-up step each); ``ms_per_step`` becomes its median over the
+    rounds, so every variant is timed under the same conditions."""
+    import numba
+    from threadpoolctl import threadpool_limits
+    todo = [r for r in records if r.get("accuracy") is not None]
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), ea.config.override(THREADS=1):
+            steps = []
+            for r in todo:
+                t = TASKS[r["task"]]
+                tokens, labels = dataset(r["task"], r["n"], r["batch"], r["seed"])
+                variant = ea.get_variant(r["variant"])
+                attns = [build_attention(variant, r["n"], D, HEADS, seed=1000 * r["seed"] + 100 * i)
+                         for i in range(LAYERS)]
+                model = Model(attns, vocab=t.vocab, n=r["n"], d=D, classes=t.classes, seed=r["seed"])
+                opt = Adam(model.params, LR)
+
+                def step(model=model, opt=opt, tokens=tokens, labels=labels):
+                    _, grads = model.loss_and_grads(tokens, labels)
+                    opt.step(model.params, grads)
+                step()                                                  # warm-up (and compilation)
+                steps.append(step)
+            times = [[] for _ in todo]
+            for _ in range(rounds):
+                for i, step in enumerate(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times[i].append(time.perf_counter() - t0)
+    finally:
+        numba.set_num_threads(threads)
+    for r, ts in zip(todo, times):
+        r.setdefault("train_ms_per_step", r["ms_per_step"])
+        r["ms_per_step"] = 1e3 * float(np.median(ts))
+        r["timing_rounds"] = rounds
+    return records
+
+
 # -- tables ----------------------------------------------------------------------------------------
 
 def _by_variant(records):
@@ -399,6 +444,9 @@ def main(argv=None):
     p.add_argument("--chart", metavar="PNG")
     p.add_argument("--blas-threads", type=int, metavar="T", help="limit BLAS to T threads (threadpoolctl)")
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="no training: tables and chart from records")
+    p.add_argument("--timing-rounds", type=int, default=5, metavar="R",
+                   help="after training, time every run's step again in R interleaved rounds (default 5; 0: "
+                        "keep the training's own step times); with --from-json only when given")
     args = p.parse_args(argv)
     if args.blas_threads:
         from threadpoolctl import threadpool_limits
@@ -416,6 +464,9 @@ def main(argv=None):
     if args.from_json:
         records = [r for path in args.from_json for r in json.load(open(path))]
         header = "Records: " + ", ".join(f"`{pathlib.Path(q).name}`" for q in args.from_json)
+        if "--timing-rounds" in (argv if argv is not None else sys.argv) and args.timing_rounds > 0:
+            retime(records, args.timing_rounds)
+            header += f"; steps timed again in {args.timing_rounds} interleaved rounds"
         write_outputs(records, args, header)
         return 0
     t_start = time.perf_counter()
@@ -438,10 +489,18 @@ def main(argv=None):
                        else rec["error"]), file=sys.stderr, flush=True)
         if args.only:                          # a worker: the parent merges and writes the rest
             return 0
+    if args.quick:
+        args.timing_rounds = min(args.timing_rounds, 2)
+    if args.timing_rounds > 0:
+        retime(records, args.timing_rounds)
     wall = time.perf_counter() - t_start
     workers = (f"{args.jobs} worker processes side by side, one BLAS and one numba thread each" if args.jobs > 1
                else "one process")
-    header = (bench.machine_header() + f"\n- {budget}\n- wall time of the run: {wall / 60:.1f} min ({workers})")
+    timing = (f"step times: every run's step again after training, {args.timing_rounds} rounds side by side "
+              "in one process on one thread (the medians)" if args.timing_rounds > 0
+              else "step times: the medians over the training steps")
+    header = (bench.machine_header() + f"\n- {budget}\n- {timing}\n- wall time of the run: {wall / 60:.1f} min "
+              f"({workers})")
     write_outputs(records, args, header)
     return 0
 

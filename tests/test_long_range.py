@@ -295,3 +295,11 @@ def test_quick_with_two_workers_merges_their_records(tmp_path):
     records = json.loads(out.read_text())
     assert [(r["task"], r["variant"]) for r in records] == [(t, v) for t in lt.TASKS for v in ("dense", "local")]
     assert "2 worker processes side by side" in res.stdout
+
+
+def test_retime_times_every_run_again_and_keeps_the_training_times():
+    recs = [blr.run(task, "dense", 32, 0, steps=2, batch=2, eval_size=4) for task in ("listops", "local")]
+    trained = [r["ms_per_step"] for r in recs]
+    blr.retime(recs, rounds=2)
+    assert [r["train_ms_per_step"] for r in recs] == trained
+    assert all(r["ms_per_step"] > 0 and r["timing_rounds"] == 2 for r in recs)
