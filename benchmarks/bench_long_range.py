@@ -82,9 +82,9 @@ LRA_TABLE2_4K = {  # model: (steps per second, peak memory GB) at 4K
     "BigBird": (1.5, 2.88), "Linear Trans.": (7.8, 1.03), "Performer": (8.0, 1.06),
 }
 
-def default_variants(everything=False):
-    """LRA's set, then the engine's softmax patterns; with ``everything`` the rest of the registry
-    too. Causal forms are left out: every task classifies a whole sequence."""
+def default_variants(everything=True):
+    """LRA's set, then the engine's softmax patterns, then (``everything``) the rest of the
+    registry. Causal forms are left out: every task classifies a whole sequence."""
     reg = [n for n in ea.registry() if "causal" not in n]
     engine = [n for n in reg if n.startswith("engine_")]
     rest = [n for n in reg if n not in LRA_NAMES and n not in engine] if everything else []
@@ -307,7 +307,7 @@ def draw_chart(rows, path, title):
     ax.scatter(x[lra], y[lra], s=area[lra], alpha=0.45, color="tab:blue", edgecolor="k", lw=0.5,
                label="LRA's set")
     ax.scatter(x[~lra], y[~lra], s=area[~lra], alpha=0.45, color="tab:orange", edgecolor="k", lw=0.5,
-               label="rest of the registry")
+               label="the engine and the rest of the registry")
     ax.set_xscale("log")
     ax.set_xlim(x.min() / 1.3, x.max() * 1.3)                       # fixed before the numbers are placed
     ax.set_ylim(y.min() - 0.06 * (np.ptp(y) + 10), y.max() + 0.06 * (np.ptp(y) + 10))
@@ -435,8 +435,9 @@ def main(argv=None):
     p.add_argument("--eval-size", type=int, default=512, help="test sequences per task (default 512)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--variants", nargs="+", metavar="NAME", help="default: LRA's set and the engine")
-    p.add_argument("--all-variants", action="store_true", help="also the rest of the registry (not causal)")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="default: every non-causal variant (LRA's set, the engine, the rest)")
+    p.add_argument("--lra-set", action="store_true", help="only LRA's set and the engine's patterns")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one BLAS thread each)")
     p.add_argument("--only", help=argparse.SUPPRESS)           # a worker's [(seed, task), ...]
     p.add_argument("--json", metavar="FILE", help="the records (default with --jobs: docs/lra_results.json)")
@@ -455,7 +456,7 @@ def main(argv=None):
     if args.quick:
         args.n, args.steps, args.batch, args.eval_size, args.seeds = 64, 6, 4, 32, [0]
         args.variants = args.variants or ["dense", "local", "linear_elu"]
-    variants = args.variants or default_variants(args.all_variants)
+    variants = args.variants or default_variants(not args.lra_set)
     for name in variants:
         ea.get_variant(name)                                         # unknown names fail here
     budget = (f"N = {args.n}, {args.steps} Adam steps (lr {args.lr:g}) of batch {args.batch} per run, "
@@ -463,7 +464,12 @@ def main(argv=None):
               f"{args.eval_size} test sequences per task")
     if args.from_json:
         records = [r for path in args.from_json for r in json.load(open(path))]
-        header = "Records: " + ", ".join(f"`{pathlib.Path(q).name}`" for q in args.from_json)
+        budgets = sorted({(r["n"], r["steps"], r["batch"]) for r in records})
+        header = (bench.machine_header() + "\n- records: " + ", ".join(f"`{pathlib.Path(q).name}`"
+                                                                  for q in args.from_json)
+                  + "; " + "; ".join(f"N = {n}, {st} Adam steps of batch {b} per run" for n, st, b in budgets)
+                  + f", seeds {sorted({r['seed'] for r in records})}, d = {D}, {HEADS} heads, {LAYERS} "
+                  f"pre-norm blocks, float32")
         if "--timing-rounds" in (argv if argv is not None else sys.argv) and args.timing_rounds > 0:
             retime(records, args.timing_rounds)
             header += f"; steps timed again in {args.timing_rounds} interleaved rounds"
