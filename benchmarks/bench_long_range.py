@@ -294,6 +294,7 @@ def draw_chart(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from matplotlib.text import Text
     pts = [r for r in rows if r["avg"] is not None and r["speed"] is not None]
     pts.sort(key=lambda r: (-r["avg"], -r["speed"]))
@@ -310,6 +311,10 @@ def draw_chart(rows, path, title):
                label="the engine and the rest of the registry")
     ax.set_xscale("log")
     ax.set_xlim(x.min() / 1.3, x.max() * 1.3)                       # fixed before the numbers are placed
+    ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32) if x.min() / 1.3 <= t <= x.max() * 1.3]
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}×"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(y.min() - 0.06 * (np.ptp(y) + 10), y.max() + 0.06 * (np.ptp(y) + 10))
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -332,7 +337,7 @@ def draw_chart(rows, path, title):
     ax.set_xlabel("speed: training steps per second relative to dense (log scale)")
     ax.set_ylabel("average accuracy over the three tasks (%)")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower left", fontsize=7, markerscale=0.4)
+    ax.legend(loc="best", fontsize=7, markerscale=0.4)
     ax.grid(alpha=0.3)
     step = min(0.027, 0.96 / max(len(pts), 1))
     for i, r in enumerate(pts, 1):
@@ -472,7 +477,10 @@ def main(argv=None):
                   f"pre-norm blocks, float32")
         if "--timing-rounds" in (argv if argv is not None else sys.argv) and args.timing_rounds > 0:
             retime(records, args.timing_rounds)
-            header += f"; steps timed again in {args.timing_rounds} interleaved rounds"
+        rounds = sorted({r["timing_rounds"] for r in records if "timing_rounds" in r})
+        header += ("\n- step times: every run's step timed again after training, "
+                   f"{', '.join(map(str, rounds))} rounds side by side in one process on one thread (the medians)"
+                   if rounds else "\n- step times: the medians over the training steps")
         write_outputs(records, args, header)
         return 0
     t_start = time.perf_counter()
