@@ -21,7 +21,9 @@ table, accuracy per task as the mean over seeds ± half their range, the average
 memory relative to dense as in LRA's Table 2, and the comparison with the paper's tables and
 its rank correlations) and ``--chart`` (speed against average accuracy, memory as point area,
 every label in a column beside the axes). ``--jobs J`` runs J worker processes, one BLAS
-thread each, seeds (then tasks) split between them, and merges their records.
+thread each, seeds (then tasks) split between them, and merges their records. After training,
+every run's step is timed again, all side by side in ``--timing-rounds`` interleaved rounds on
+one thread, and those medians are the ``ms_per_step`` the tables use.
 """
 from __future__ import annotations
 

@@ -4,18 +4,18 @@ Every generator is ``make(n, size, seed) -> (tokens (size, N) int64, labels (siz
 the same ``(n, size, seed)`` always gives the same arrays. ``TASKS`` maps a task's name to
 its :class:`Task` (generator, vocabulary size, number of classes, chance level, rule).
 
-**ListOps-mini** (after Nangia & Bowman 2018 and LRA's ListOps, Tay et al. 2020, arXiv:2011.04006
-§3.1). A nested expression in prefix form, e.g. ``[MAX 4 3 [MIN 2 3 ] 1 0 [SM 8 9 ] ]``, whose value
+**ListOps-mini** (after Nangia & Bowman 2018 and LRA's ListOps, Tay et al. 2020, arXiv:2011.04006).
+A nested expression in prefix form, e.g. ``[MAX 4 3 [MIN 2 3 ] 1 0 [SM 8 9 ] ]``, whose value
 (a digit) is the class: ``MAX`` and ``MIN`` of their arguments, ``MED`` the median (of an even number
 of arguments, the lower of the two middle values), ``SM`` the sum modulo 10. Ten classes. Limits:
 the root is an operator; operators nest at most ``max_depth`` deep (the root is depth 1); an operator
 has 2 to ``max_args`` arguments, each a digit or, below the depth limit, with probability
 ``p_op`` another operator; an expression has between ``N/8`` and ``N`` tokens (others are drawn
 again) and is padded with ``PAD`` at the end. With the defaults (``max_depth`` 5, ``max_args`` 6,
-``p_op`` 0.5) and N = 512, the lengths range from 64 to 512 tokens (median about 170). LRA's ListOps goes to depth 10, ten arguments and
-2000 tokens; ours is smaller so that a two-layer model on a CPU has a chance. To keep the ten
-classes balanced (LRA's are not), expressions are drawn until every class has a tenth of the
-set, a class that is full keeping no more: chance is 10 %.
+``p_op`` 0.5) and N = 256, the lengths range from 32 to 256 tokens (median about 130). LRA's
+ListOps has sequences of up to 2000 tokens; ours is smaller so that a two-layer model on a CPU
+has a chance. To make chance a plain 10 %, the ten classes are balanced: expressions are drawn
+until every class has a tenth of the set, a class that is full keeping no more.
 
 **Retrieval (keyed marker).** Four *pair tokens* at distinct random positions in the first
 quarter, pair token ``(k, c)`` saying "key k holds class c", with keys 0..3 each once and classes
