@@ -71,6 +71,8 @@ try:
     import tempfile
     out = pathlib.Path(os.environ.get("EA_CHART", pathlib.Path(tempfile.gettempdir()) / "long_range_notebook.png"))
     boxes = lra.draw_chart(rows, out, f"N = {n}, {steps} steps of {batch}, one seed")
-    print("chart written to", out.name, "; overlapping labels:", lra.overlaps(boxes))
+    print("overlapping labels:", lra.overlaps(boxes))
+    from efficient_attention.plot import show
+    show(out)                                  # in Jupyter: the picture; in a script: nothing
 except ImportError:
     print("matplotlib not installed: no chart")

@@ -85,8 +85,7 @@ def test_notebooks_are_rendered_with_their_outputs_pictures_and_a_download_link(
         assert text.count('class="cell_output') >= 1, f"{page.name} shows no output"
         assert re.search(r'class="reference download internal"[^>]*href="[^"]*/' + re.escape(script.name), text), \
             f"{page.name} has no link to its script"
-        if script.stem != "07_long_range":                 # its chart is written to a file, not shown
-            assert "<img" in text, f"{page.name} shows no picture"
+        assert "<img" in text, f"{page.name} shows no picture"
         assert "Traceback" not in text, f"{page.name} shows an error"
 
 
