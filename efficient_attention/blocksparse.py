@@ -586,25 +586,19 @@ class BlockMask:
             self._box_cache = boxes
         return self._box_cache
 
-    def _block_boxes(self):
-        """``(r0, r1, c0, c1)``, one entry per block: the rows and columns of the matrix its
-        computation covers (the block inside the matrix when full, its tile's box when partial)."""
+    def _box_area(self) -> np.ndarray:
+        """Pairs each block computes: its area inside the matrix when full, its tile's bounding
+        box (cut to the matrix) when partial."""
         blk = self._blocks()
         n, m = self._shape[-2:]
-        i0, j0 = blk.i * self._bq, blk.j * self._bk
-        r0, r1 = i0.copy(), np.minimum(i0 + self._bq, n)
-        c0, c1 = j0.copy(), np.minimum(j0 + self._bk, m)
+        area = _valid_counts(n, m, self._bq, self._bk, blk.i, blk.j)
         part = blk.tile >= 0
         if part.any():
             b = self._boxes()[blk.tile[part]]
-            r0[part], r1[part] = i0[part] + b[:, 0], np.minimum(i0[part] + b[:, 1], r1[part])
-            c0[part], c1[part] = j0[part] + b[:, 2], np.minimum(j0[part] + b[:, 3], c1[part])
-        return r0, np.maximum(r1, r0), c0, np.maximum(c1, c0)
-
-    def _box_area(self) -> np.ndarray:
-        """Pairs each block computes: its area inside the matrix, or its tile's box's."""
-        r0, r1, c0, c1 = self._block_boxes()
-        return (r1 - r0) * (c1 - c0)
+            rows = np.minimum(b[:, 1], n - blk.i[part] * self._bq) - b[:, 0]
+            cols = np.minimum(b[:, 3], m - blk.j[part] * self._bk) - b[:, 2]
+            area[part] = np.maximum(rows, 0) * np.maximum(cols, 0)
+        return area
 
     def _select(self, keep: np.ndarray) -> "BlockMask":
         """The mask made of the blocks where ``keep`` (one bool per block) holds."""

@@ -424,8 +424,7 @@ def test_kernels_match_numpy_references(dtype, block_size):
     out = np.empty(q.shape[:2] + (v.shape[2],), dtype)
     lse = np.empty(q.shape[:2], dtype)
     K.blocksparse_forward(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk, out, lse)
-    ref_out, ref_lse = K.blocksparse_forward_reference(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
-                                                       bq, bk)
+    ref_out, ref_lse = K.blocksparse_forward_reference(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, bq, bk)
     assert_attention_close(out, ref_out, dtype)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     fin = np.isfinite(ref_lse)
@@ -433,7 +432,7 @@ def test_kernels_match_numpy_references(dtype, block_size):
     dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
     delta = np.einsum("bnd,bnd->bn", dout, out)
     refs = K.blocksparse_backward_reference(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles,
-                                            boxes, bq, bk)
+                                            bq, bk)
     fused = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
     K.blocksparse_backward(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
                            *fused)

@@ -326,17 +326,15 @@ def blocksparse_forward(q, k, v, scale, slice_of, indptr, cols, tile, tiles, box
                 lse[bh, i0 + a] = -np.inf
 
 
-def _ref_box(tiles, boxes, tid, i0, j0, rq, ck):
-    """Rows and columns (slices of q and k) of a block's box, and its boolean tile there."""
-    a0, a1, c0, c1 = (0, rq, 0, ck) if tid < 0 else (boxes[tid, 0], min(boxes[tid, 1], rq), boxes[tid, 2],
-                                                     min(boxes[tid, 3], ck))
-    a1, c1 = max(a0, a1), max(c0, c1)
-    allowed = np.ones((a1 - a0, c1 - c0), bool) if tid < 0 else tiles[tid, a0:a1, c0:c1]
-    return slice(i0 + a0, i0 + a1), slice(j0 + c0, j0 + c1), allowed
+def _ref_tile(tiles, tid, rq, ck):
+    """The boolean tile of a block (all True when full), cut to ``(rq, ck)``."""
+    return np.ones((rq, ck), bool) if tid < 0 else tiles[tid, :rq, :ck]
 
 
-def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk):
-    """NumPy: the same tiled online softmax, one query tile and one key tile's box at a time."""
+def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, tiles, bq, bk):
+    """NumPy: the same tiled online softmax, one query tile and one whole key tile at a time (the
+    kernel computes partial tiles on their boxes only: the reference does not, so that the two
+    agree only if the boxes lose no allowed pair)."""
     BH, N, _ = q.shape
     M = k.shape[1]
     nqb = -(-N // bq)
@@ -345,27 +343,22 @@ def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, 
     for bh in range(BH):
         for ti in range(nqb):
             r = slice_of[bh] * nqb + ti
-            i0 = ti * bq
-            rows = slice(i0, min(N, i0 + bq))
-            rq = rows.stop - i0
-            m_run = np.full(rq, -np.inf)
-            l_run = np.zeros(rq)
-            acc = np.zeros((rq, v.shape[2]))
+            rows = slice(ti * bq, min(N, ti * bq + bq))
+            qs = scale * q[bh, rows]
+            m_run = np.full(qs.shape[0], -np.inf)
+            l_run = np.zeros(qs.shape[0])
+            acc = np.zeros((qs.shape[0], v.shape[2]))
             for e in range(indptr[r], indptr[r + 1]):
-                j0 = cols[e] * bk
-                box_rows, keys, allowed = _ref_box(tiles, boxes, tile[e], i0, j0, rq, min(bk, M - j0))
-                if allowed.size == 0:
-                    continue
-                b = slice(box_rows.start - i0, box_rows.stop - i0)             # the box's rows in the tile
-                s = scale * q[bh, box_rows] @ k[bh, keys].T                    # S on the box
-                s = np.where(allowed, s, -np.inf)
-                m_new = np.maximum(m_run[b], s.max(axis=1))                    # m'
+                keys = slice(cols[e] * bk, min(M, cols[e] * bk + bk))
+                s = qs @ k[bh, keys].T                                         # S       (bq, bk)
+                s = np.where(_ref_tile(tiles, tile[e], *s.shape), s, -np.inf)
+                m_new = np.maximum(m_run, s.max(axis=1))                       # m'
                 safe = np.where(np.isneginf(m_new), 0.0, m_new)
                 p = np.exp(s - safe[:, None])                                  # e^(S - m')
-                alpha = np.exp(m_run[b] - safe)                                # e^(m - m')
-                l_run[b] = alpha * l_run[b] + p.sum(axis=1)
-                acc[b] = alpha[:, None] * acc[b] + p @ v[bh, keys]
-                m_run[b] = m_new
+                alpha = np.exp(m_run - safe)                                   # e^(m - m')
+                l_run = alpha * l_run + p.sum(axis=1)
+                acc = alpha[:, None] * acc + p @ v[bh, keys]
+                m_run = m_new
             seen = l_run > 0
             out[bh, rows][seen] = (acc[seen] / l_run[seen, None]).astype(q.dtype)
             lse[bh, rows][seen] = (m_run[seen] + np.log(l_run[seen])).astype(q.dtype)
@@ -477,8 +470,8 @@ def blocksparse_backward_dkdv(q, k, v, dout, lse, delta, scale, slice_of, tindpt
 
 
 def blocksparse_backward_reference(q, k, v, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles,
-                                   boxes, bq, bk):
-    """NumPy: ``(dq, dk, dv)`` by the same tiles' boxes, query tile by query tile."""
+                                   bq, bk):
+    """NumPy: ``(dq, dk, dv)`` by the same tiles, whole, query tile by query tile."""
     BH, N, _ = q.shape
     M = k.shape[1]
     nqb = -(-N // bq)
@@ -486,19 +479,15 @@ def blocksparse_backward_reference(q, k, v, dout, lse, delta, scale, slice_of, i
     for bh in range(BH):
         for ti in range(nqb):
             r = slice_of[bh] * nqb + ti
-            i0 = ti * bq
-            rq = min(N, i0 + bq) - i0
+            rows = slice(ti * bq, min(N, ti * bq + bq))
+            qs = scale * q[bh, rows]
+            ell = lse[bh, rows]
+            empty = np.isneginf(ell)
+            do = dout[bh, rows]
             for e in range(indptr[r], indptr[r + 1]):
-                j0 = cols[e] * bk
-                rows, keys, allowed = _ref_box(tiles, boxes, tile[e], i0, j0, rq, min(bk, M - j0))
-                if allowed.size == 0:
-                    continue
-                qs = scale * q[bh, rows]
-                ell = lse[bh, rows]
-                empty = np.isneginf(ell)
-                do = dout[bh, rows]
-                s = qs @ k[bh, keys].T                                            # S on the box
-                allowed = allowed & ~empty[:, None]
+                keys = slice(cols[e] * bk, min(M, cols[e] * bk + bk))
+                s = qs @ k[bh, keys].T                                            # S
+                allowed = _ref_tile(tiles, tile[e], *s.shape) & ~empty[:, None]
                 p = np.where(allowed, np.exp(np.where(allowed, s - np.where(empty, 0, ell)[:, None], 0)), 0)
                 dv[bh, keys] += p.T @ do                                          # dV += Pᵀ dO
                 ds = p * (do @ v[bh, keys].T - delta[bh, rows][:, None])          # dS = P ⊙ (dP - δ)
