@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from .validate import check_csr, check_int, check_patterns
 
-__all__ = ["COLORS", "pyplot", "to_image", "plot_pattern", "plot_sort_matrix", "plot_tiles"]
+__all__ = ["COLORS", "pyplot", "show", "to_image", "plot_pattern", "plot_sort_matrix", "plot_tiles"]
 
 #: one colour per pattern (the lecture's: local, strided, global, random, ...)
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")

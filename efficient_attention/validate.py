@@ -225,12 +225,14 @@ def check_patterns(pattern, name: str = "pattern"):
     per_head = isinstance(pattern, (list, tuple))
     patterns = list(pattern) if per_head else [pattern]
     if not patterns:
-        raise ValueError(f"{name} must be a sparse array or a non-empty list of them, got an empty {_describe(pattern)}")
+        raise ValueError(f"{name} must be a sparse array or a non-empty list of them, "
+                         f"got an empty {_describe(pattern)}")
     for i, p in enumerate(patterns):
         if not sp.issparse(p) or p.ndim != 2:
-            label = f"{name}[{i}]" if per_head else name
-            raise TypeError(f"{label} must be a 2-D scipy.sparse array (N, M){'' if per_head else ' or a list of them'}, "
-                            f"got {_describe(p)}{'' if not sp.issparse(p) else f' of shape {p.shape}'}")
+            label, alternative = (f"{name}[{i}]", "") if per_head else (name, " or a list of them")
+            shape = f" of shape {p.shape}" if sp.issparse(p) else ""
+            raise TypeError(f"{label} must be a 2-D scipy.sparse array (N, M){alternative}, "
+                            f"got {_describe(p)}{shape}")
     return patterns, tuple(patterns[0].shape), per_head
 
 
