@@ -34,9 +34,10 @@ unnormalised output :math:`\tilde O`:
     \tilde O \leftarrow e^{m - m'} \tilde O + P V_J,\qquad
     \text{at the end: } O_I = \tilde O / l,\quad \ell_I = m + \log l .
 
-Only :math:`O` and the per-row log-sum-exp :math:`\ell` are kept. The products are BLAS calls on
-tiles (``sgemm``/``dgemm`` with the tile's leading dimension, no copies), the exponentials the
-library's vectorised float32 ``exp`` (:mod:`efficient_attention.kernels.fastexp`).
+Only :math:`O` and the per-row log-sum-exp :math:`\ell` are kept. The products are the engine's
+own register-blocked tile products (:mod:`efficient_attention.kernels.tilemm`: vector FMAs on tile
+views, no copies; the key tiles are read transposed), the exponentials the library's vectorised
+float32 ``exp`` (:mod:`efficient_attention.kernels.fastexp`).
 
 **Backward** (ibid., Algorithm 2). Probabilities are recomputed per tile from :math:`\ell`,
 with :math:`\delta_i = dO_i\cdot O_i`:
@@ -82,9 +83,6 @@ benchmark machine, see ``benchmarks/bench_blocksparse.py``):
     BigBird's blocks of 64 (no masked entry computed).
 ``ENGINE_BUILD_SCALARS``
     the largest number of booleans (or pattern entries) handled at once while a layout is built.
-``LIMIT_BLAS_THREADS``
-    hold BLAS to one thread while the kernels run (they call it from every numba thread; the
-    previous setting is restored after the call).
 ``ENGINE_PAIR_COST``
     the cost of an allowed pair on the row-CSR path of
     :class:`~efficient_attention.SparseAttention`, relative to a computed pair of a tile (a
@@ -891,6 +889,7 @@ def _pairs_for(pairs, slice_of: np.ndarray):
 class _BlockSparseCache(NamedTuple):
     q: np.ndarray          # (BH, N, D) contiguous
     k: np.ndarray          # (BH, M, D)
+    kt: np.ndarray         # (BH, ceil(M/b_k), D, b_k) the key tiles transposed
     v: np.ndarray          # (BH, M, Dv)
     out: np.ndarray        # (BH, N, Dv)
     lse: np.ndarray        # (BH, N)   per-row log-sum-exp, -inf for rows with no key
@@ -898,6 +897,14 @@ class _BlockSparseCache(NamedTuple):
     slice_of: np.ndarray   # (BH,) mask slice of each slice
     shapes: tuple          # shapes of q, k, v
     scale: float
+
+
+def _transposed_tiles(x: np.ndarray, b: int) -> np.ndarray:
+    """``x (BH, M, D)`` cut into tiles of ``b`` rows, each transposed: ``(BH, ceil(M/b), D, b)``, the
+    right operand of ``S = Q Kᵀ`` and ``dP = dO Vᵀ`` with unit stride along the keys."""
+    out = np.empty((x.shape[0], -(-x.shape[1] // b), x.shape[2], b), x.dtype)
+    _k.pack_transposed(x, b, out)
+    return out
 
 
 def _forward(q, k, v, plan: _Plan, scale: float):
@@ -908,9 +915,9 @@ def _forward(q, k, v, plan: _Plan, scale: float):
     out = np.empty(q3.shape[:2] + (v3.shape[2],), q3.dtype)                  # O   (BH, N, Dv)
     lse = np.empty(q3.shape[:2], q3.dtype)                                  # ℓ   (BH, N)
     bq, bk = bm.block_size
-    with config.blas_threads_limited():
-        _k.blocksparse_forward(q3, k3, v3, scale, slice_of, bm._indptr, bm._cols, bm._tile, bm._tiles,
-                               bm._boxes(), bq, bk, out, lse)
+    kt = _transposed_tiles(k3, bk)
+    _k.blocksparse_forward(q3, k3, v3, kt, scale, slice_of, bm._indptr, bm._cols, bm._tile, bm._tiles,
+                           bm._boxes(), bq, bk, out, lse)
     if plan.pairs is not None:                                              # thin blocks, pair by pair
         indptr, indices, _, _ = _pairs_for(plan.pairs, slice_of)
         out_p, lse_p = np.empty_like(out), np.empty_like(lse)
@@ -923,27 +930,27 @@ def _forward(q, k, v, plan: _Plan, scale: float):
         out = w_t[..., None] * out + w_p[..., None] * out_p                 # O = e^(ℓ1-ℓ) O1 + e^(ℓ2-ℓ) O2
         lse = merged.astype(lse.dtype, copy=False)
     return (out.reshape(q.shape[:-1] + (v.shape[-1],)),
-            _BlockSparseCache(q3, k3, v3, out, lse, plan, slice_of, shapes, scale))
+            _BlockSparseCache(q3, k3, kt, v3, out, lse, plan, slice_of, shapes, scale))
 
 
 def _backward(cache: _BlockSparseCache, dout, fused: bool | None = None):
-    q, k, v, out, lse, plan, slice_of, shapes, scale = cache
+    q, k, kt, v, out, lse, plan, slice_of, shapes, scale = cache
     bm = plan.tiles
     dout3 = np.ascontiguousarray(dout.reshape(out.shape))
     delta = np.einsum("bnd,bnd->bn", dout3, out)                            # δ_i = dO_i · O_i  (BH, N)
     dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
     bq, bk = bm.block_size
     fused = _fused(q.shape[0], _threads()) if fused is None else fused
-    with config.blas_threads_limited():
-        if fused:
-            _k.blocksparse_backward(q, k, v, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
-                                    bm._tile, bm._tiles, bm._boxes(), bq, bk, dq, dk, dv)
-        else:
-            tindptr, trows, ttile = bm._transposed_layout()
-            _k.blocksparse_backward_dq(q, k, v, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
-                                       bm._tile, bm._tiles, bm._boxes(), bq, bk, dq)
-            _k.blocksparse_backward_dkdv(q, k, v, dout3, lse, delta, scale, slice_of, tindptr, trows, ttile,
-                                         bm._tiles, bm._boxes(), bq, bk, dk, dv)
+    vt = _transposed_tiles(v, bk)
+    if fused:
+        _k.blocksparse_backward(q, k, v, kt, vt, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
+                                bm._tile, bm._tiles, bm._boxes(), bq, bk, dq, dk, dv)
+    else:
+        tindptr, trows, ttile = bm._transposed_layout()
+        _k.blocksparse_backward_dq(q, k, v, kt, vt, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
+                                   bm._tile, bm._tiles, bm._boxes(), bq, bk, dq)
+        _k.blocksparse_backward_dkdv(q, k, v, kt, vt, dout3, lse, delta, scale, slice_of, tindptr, trows, ttile,
+                                     bm._tiles, bm._boxes(), bq, bk, dk, dv)
     if plan.pairs is not None:                     # the thin pairs: same ℓ and δ, gradients add up
         indptr, indices, tptr, tind = _pairs_for(plan.pairs, slice_of)
         dq_p, dk_p, dv_p = np.empty_like(q), np.empty_like(k), np.empty_like(v)

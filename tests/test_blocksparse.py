@@ -421,9 +421,10 @@ def test_kernels_match_numpy_references(dtype, block_size):
     q, k, v = (a.astype(dtype).reshape((-1,) + a.shape[-2:]) for a in _qkv((3, 2), n, m, seed=10))
     slice_of, indptr, cols, tile, tiles, boxes = _layout_args(bm, (3, 2))
     bq, bk = block_size
+    kt, vt = K.pack_transposed_reference(k, bk), K.pack_transposed_reference(v, bk)
     out = np.empty(q.shape[:2] + (v.shape[2],), dtype)
     lse = np.empty(q.shape[:2], dtype)
-    K.blocksparse_forward(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk, out, lse)
+    K.blocksparse_forward(q, k, v, kt, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk, out, lse)
     ref_out, ref_lse = K.blocksparse_forward_reference(q, k, v, 0.4, slice_of, indptr, cols, tile, tiles, bq, bk)
     assert_attention_close(out, ref_out, dtype)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
@@ -434,13 +435,13 @@ def test_kernels_match_numpy_references(dtype, block_size):
     refs = K.blocksparse_backward_reference(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles,
                                             bq, bk)
     fused = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
-    K.blocksparse_backward(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
-                           *fused)
+    K.blocksparse_backward(q, k, v, kt, vt, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
+                           bq, bk, *fused)
     split = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
     tindptr, trows, ttile = bm._transposed_layout()
-    K.blocksparse_backward_dq(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
-                              split[0])
-    K.blocksparse_backward_dkdv(q, k, v, dout, lse, delta, 0.4, slice_of, tindptr, trows, ttile, tiles, boxes,
+    K.blocksparse_backward_dq(q, k, v, kt, vt, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
+                              bq, bk, split[0])
+    K.blocksparse_backward_dkdv(q, k, v, kt, vt, dout, lse, delta, 0.4, slice_of, tindptr, trows, ttile, tiles, boxes,
                                 bq, bk, split[1], split[2])
     for a, b, c in zip(fused, split, refs):
         assert_attention_close(a, c, dtype, kind="grad")
@@ -453,10 +454,11 @@ def test_kernels_python_path_matches_compiled():
     bm = BlockMask.from_pattern(P.random(n, 5, 0, m=m), (8, 4))
     q, k, v = (a.reshape((-1,) + a.shape[-2:]) for a in _qkv((2,), n, m, seed=11))
     slice_of, indptr, cols, tile, tiles, boxes = _layout_args(bm, (2,))
+    kt, vt = K.pack_transposed_reference(k, 4), K.pack_transposed_reference(v, 4)
     outs = []
     for f in (K.blocksparse_forward, K.blocksparse_forward.py_func):
         out, lse = np.empty(q.shape[:2] + (v.shape[2],)), np.empty(q.shape[:2])
-        f(q, k, v, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, out, lse)
+        f(q, k, v, kt, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, out, lse)
         outs.append((out, lse))
     assert_attention_close(outs[1][0], outs[0][0], np.float64)
     dout = np.ones_like(outs[0][0])
@@ -464,25 +466,23 @@ def test_kernels_python_path_matches_compiled():
     grads = []
     for f in (K.blocksparse_backward, K.blocksparse_backward.py_func):
         g = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
-        f(q, k, v, dout, outs[0][1], delta, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, *g)
+        f(q, k, v, kt, vt, dout, outs[0][1], delta, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, *g)
         grads.append(g)
     for a, b in zip(*grads):
         assert_attention_close(b, a, np.float64, kind="grad")
 
 
-def test_gemm_matches_numpy():
-    rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.float64):
-        big = rng.standard_normal((20, 30)).astype(dtype)
-        for ta in (False, True):
-            for tb in (False, True):
-                a = big[2:9, 3:8] if not ta else big[2:7, 3:10]          # op(a): (7, 5)
-                b = big[10:15, 1:12] if not tb else big[4:15, 20:25]     # op(b): (5, 11)
-                c = rng.standard_normal((7, 30)).astype(dtype)[:, 4:15]
-                want = 0.5 * ((a.T if ta else a) @ (b.T if tb else b)) + 2.0 * c
-                got = c.copy()
-                K.gemm_tile(a, b, got, 0.5, 2.0, ta, tb)
-                np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pack_transposed_matches_reference(dtype):
+    """The key tiles, transposed, with zeros past the last key (M not a multiple of the tile)."""
+    x = np.random.default_rng(3).standard_normal((3, 37, 5)).astype(dtype)
+    for b in (1, 8, 37, 40):
+        want = K.pack_transposed_reference(x, b)
+        for f in (K.pack_transposed, K.pack_transposed.py_func):
+            got = np.full(want.shape, np.nan, dtype)
+            f(x, b, got)
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(K.pack_transposed_reference(x, 8)[1, 2, :, 3], x[1, 19])
 
 
 def test_build_kernels_match_references():

@@ -1,0 +1,86 @@
+"""The register-blocked tile product (kernels/tilemm.py) against its NumPy reference."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from efficient_attention.kernels import tilemm as T
+
+TOL = {np.float32: 2e-6, np.float64: 1e-14}
+
+
+def _case(rng, dtype, m, k, n, trans_a):
+    """``a`` (a transposed view when ``trans_a``), ``b`` and ``c`` views inside larger arrays
+    (row strides wider than the rows), and the larger array of ``c``."""
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    a = a.T if trans_a else a
+    b = rng.standard_normal((k + 3, n + 5)).astype(dtype)[1:k + 1, 2:n + 2]
+    c_all = rng.standard_normal((m + 2, n + 7)).astype(dtype)
+    return a, b, c_all
+
+
+def _check(dtype, m, k, n, trans_a, accumulate, seed=0):
+    rng = np.random.default_rng(seed)
+    a, b, c_all = _case(rng, dtype, m, k, n, trans_a)
+    want_all = c_all.copy()
+    T.tile_matmul_reference(a, b, want_all[1:m + 1, 3:n + 3], accumulate)
+    got_all = c_all.copy()
+    T.tile_matmul_compiled(a, b, got_all[1:m + 1, 3:n + 3], accumulate)
+    scale = np.abs(a).sum(axis=1, keepdims=True) @ np.abs(b).max(axis=0, keepdims=True) if a.size else 0
+    bound = TOL[dtype] * (np.abs(want_all[1:m + 1, 3:n + 3]) + scale + 1)
+    assert np.all(np.abs(got_all[1:m + 1, 3:n + 3] - want_all[1:m + 1, 3:n + 3]) <= bound)
+    outside = np.ones(c_all.shape, bool)
+    outside[1:m + 1, 3:n + 3] = False
+    np.testing.assert_array_equal(got_all[outside], c_all[outside])          # nothing written outside c
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_tile_matmul_matches_reference_on_every_edge(dtype, trans_a, accumulate):
+    """Row counts around the panel height, column counts around a vector and a panel, and ``k``
+    from 0: every narrower panel and the scalar columns."""
+    lanes = T.VECTOR_BYTES // np.dtype(dtype).itemsize
+    ms = sorted({0, 1, T.MR - 1, T.MR, T.MR + 1, 2 * T.MR + 3, 128})
+    ns = sorted({0, 1, lanes - 1, lanes, lanes + 1, T.NV * lanes, T.NV * lanes + lanes + 3, 128, 130})
+    for seed, (m, k, n) in enumerate(itertools.product(ms, [0, 1, 7, 64], ns)):
+        _check(dtype, m, k, n, trans_a, accumulate, seed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 40), k=st.integers(0, 70), n=st.integers(0, 150), trans_a=st.booleans(),
+       accumulate=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_tile_matmul_hypothesis(m, k, n, trans_a, accumulate, dtype):
+    _check(dtype, m, k, n, trans_a, accumulate)
+
+
+def test_tile_matmul_python_form_is_numpy():
+    """In plain Python (what NUMBA_DISABLE_JIT=1 runs) ``tile_matmul`` is NumPy's product."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((6, 9)), rng.standard_normal((9, 20))
+    c = rng.standard_normal((6, 20))
+    got = c.copy()
+    T.tile_matmul(a, b, got, True)
+    np.testing.assert_array_equal(got, c + a @ b)
+    T.tile_matmul(a, b, got, False)
+    np.testing.assert_array_equal(got, a @ b)
+
+
+def test_tile_matmul_needs_unit_stride_rows():
+    a = np.ones((4, 4))
+    b = np.ones((4, 8))[:, ::2]
+    with pytest.raises(ValueError, match="unit stride"):
+        T.tile_matmul_compiled(a, b, np.zeros((4, 4)), False)
+
+
+def test_tile_matmul_special_values():
+    """Infinities and NaN pass through as in any product (the engine masks before, not after)."""
+    a = np.zeros((4, 3), np.float32)
+    b = np.ones((3, 32), np.float32)
+    a[1, 2] = np.inf
+    a[2, 0] = np.nan
+    c = np.empty((4, 32), np.float32)
+    T.tile_matmul_compiled(a, b, c, False)
+    assert np.all(c[0] == 0) and np.all(c[3] == 0)
+    assert np.all(np.isposinf(c[1])) and np.all(np.isnan(c[2]))
