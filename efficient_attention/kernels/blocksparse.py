@@ -108,14 +108,16 @@ def _row_max_overload(s, a, ck):
 
 def _row_max_by_bits(int_t, float_t, sign_bit, magnitude, lowest):
     """``row_max`` on the integer view of a float row (``int_t`` as wide as ``float_t``)."""
+    shift, mag, low = int_t(sign_bit), int_t(magnitude), int_t(lowest)   # int_t constants: no widening
+
     def impl(s, a, ck):
         bits = s.view(int_t)
-        m = int_t(lowest)
+        m = low
         for c in range(ck):
             b = bits[a, c]
-            m = max(m, b ^ ((b >> sign_bit) & int_t(magnitude)))
+            m = max(m, int_t(b ^ ((b >> shift) & mag)))
         key = np.empty(1, int_t)
-        key[0] = m ^ ((m >> sign_bit) & int_t(magnitude))
+        key[0] = m ^ ((m >> shift) & mag)
         return key.view(float_t)[0]
     return impl
 
