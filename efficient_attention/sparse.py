@@ -136,7 +136,7 @@ class SparseAttention(AttentionCore):
     (:class:`~efficient_attention.blocksparse.BlockMask`); when at least ``config.ENGINE_MIN_TILED``
     (module setting, 0.5) of its pairs lie in tiles dense enough to be computed as tiles — a
     window, Longformer, BigBird's blocks, dense or causal patterns — the core runs on the
-    block-sparse engine :class:`~efficient_attention.blocksparse.BlockSparseAttention` (BLAS on
+    block-sparse engine :class:`~efficient_attention.blocksparse.BlockSparseAttention` (vector products on
     tiles, thin tiles pair by pair; ``engine`` is True); otherwise — random keys, a few per
     tile — on the row-CSR kernels of :mod:`efficient_attention.kernels.sparse`. Both compute
     the same function (the tests compare each with the dense oracle).
