@@ -15,10 +15,11 @@ are contiguous with the leading axes flattened; ``slice_of[bh]`` is the mask sli
 the development machine 1.4-1.5x the speed of OpenBLAS's ``sgemm`` on these tile sizes). Its
 right operand needs unit stride along the columns of the result, so ``S = Q Kᵀ`` and
 ``dP = dO Vᵀ`` read the key tiles transposed, ``kt``/``vt`` ``(BH, nkb, D, bk)``
-(:func:`pack_transposed`, once per call, O(M·D)). **Exponentials**: :func:`exp_sum_row` — the library's vectorised float32
-``exp`` (:func:`~efficient_attention.kernels.fastexp.exp32`, inlined) or the float64
-:func:`~efficient_attention.kernels.fastexp.exp_inplace`. **Row maxima**: :func:`row_max`, an
-integer max over the floats' bit patterns (vectorised, where a float max reduction is not).
+(:func:`pack_transposed`, once per call, O(M·D)). **Exponentials**: :func:`exp_sum_row` — the
+library's vectorised float32 ``exp`` (:func:`~efficient_attention.kernels.fastexp.exp32`,
+inlined) or the float64 :func:`~efficient_attention.kernels.fastexp.exp_inplace`. **Row
+maxima**: :func:`row_max`, an integer max over the floats' bit patterns (vectorised, where a
+float max reduction is not).
 
 Kernels:
 
@@ -381,21 +382,22 @@ def blocksparse_backward(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, ind
         qs, dq_acc, s, dp, work = _scratch(q, bq, bk)
         for ti in range(nqb):
             i0 = ti * bq
-            _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, slice_of[bh] * nqb + ti, i0, min(bq, N - i0),
-                                 indptr, cols, tile, tiles, boxes, bk, qs, s, dp, work, dq_acc, dq, dk, dv, True)
+            _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, slice_of[bh] * nqb + ti, i0,
+                                 min(bq, N - i0), indptr, cols, tile, tiles, boxes, bk, qs, s, dp, work, dq_acc,
+                                 dq, dk, dv, True)
 
 
 @njit(**JIT_PARALLEL)
-def blocksparse_backward_dq(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
-                            dq):
+def blocksparse_backward_dq(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes,
+                            bq, bk, dq):
     """``dq`` alone, in parallel over (slice, query tile)."""
     BH, N, D = q.shape
     nqb = (N + bq - 1) // bq
     for t in prange(BH * nqb):
         bh, r, i0, rq = _work_item(t, nqb, slice_of, bq, N)
         qs, dq_acc, s, dp, work = _scratch(q, bq, bk)
-        _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles, boxes, bk,
-                             qs, s, dp, work, dq_acc, dq, dq, dq, False)
+        _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles,
+                             boxes, bk, qs, s, dp, work, dq_acc, dq, dq, dq, False)
 
 
 @njit(**JIT_PARALLEL)

@@ -166,6 +166,20 @@ def _scalar_columns(a, b, c, i0, i1, j0, accumulate):
             c[i, j] = c[i, j] + total if accumulate else total
 
 
+@njit(**JIT)
+def _panel_of(rows, wide, a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, k, accumulate):
+    """The panel of ``rows`` (``MR`` or 1) by ``NV`` vectors (``wide``) or one."""
+    if rows == MR:
+        if wide:
+            _panel_wide(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, k, accumulate)
+        else:
+            _panel_narrow(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, k, accumulate)
+    elif wide:
+        _row_wide(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, k, accumulate)
+    else:
+        _row_narrow(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, k, accumulate)
+
+
 @overload(tile_matmul, jit_options=dict(JIT))
 def _tile_matmul_overload(a, b, c, accumulate):
     if not isinstance(c, types.Array) or c.dtype not in (types.float32, types.float64):
@@ -188,28 +202,16 @@ def _tile_matmul_overload(a, b, c, accumulate):
         a_rs, a_ks = a.strides[0] // isz, a.strides[1] // isz
         ldb, ldc = b.strides[0] // isz, c.strides[0] // isz
         i = 0
-        while i + MR <= m:
+        while i < m:                                   # strips of MR rows, then single rows
+            rows = MR if i + MR <= m else 1
             j = 0
-            while j + wide <= n:
-                _panel_wide(a, i * a_rs, a_rs, a_ks, b, j, ldb, c, i * ldc + j, ldc, kd, accumulate)
-                j += wide
-            while j + lanes <= n:
-                _panel_narrow(a, i * a_rs, a_rs, a_ks, b, j, ldb, c, i * ldc + j, ldc, kd, accumulate)
-                j += lanes
+            while j + lanes <= n:                      # panels of NV vectors, then of one
+                step = wide if j + wide <= n else lanes
+                _panel_of(rows, step == wide, a, i * a_rs, a_rs, a_ks, b, j, ldb, c, i * ldc + j, ldc, kd, accumulate)
+                j += step
             if j < n:
-                _scalar_columns(a, b, c, i, i + MR, j, accumulate)
-            i += MR
-        while i < m:
-            j = 0
-            while j + wide <= n:
-                _row_wide(a, i * a_rs, a_rs, a_ks, b, j, ldb, c, i * ldc + j, ldc, kd, accumulate)
-                j += wide
-            while j + lanes <= n:
-                _row_narrow(a, i * a_rs, a_rs, a_ks, b, j, ldb, c, i * ldc + j, ldc, kd, accumulate)
-                j += lanes
-            if j < n:
-                _scalar_columns(a, b, c, i, i + 1, j, accumulate)
-            i += 1
+                _scalar_columns(a, b, c, i, i + rows, j, accumulate)
+            i += rows
 
     return impl
 
