@@ -84,3 +84,35 @@ def test_tile_matmul_special_values():
     T.tile_matmul_compiled(a, b, c, False)
     assert np.all(c[0] == 0) and np.all(c[3] == 0)
     assert np.all(np.isposinf(c[1])) and np.all(np.isnan(c[2]))
+
+
+_NARROW_CHECK = """
+import itertools, numpy as np
+from efficient_attention.kernels import tilemm as T
+assert (T.VECTOR_BYTES, T.NV) == (16, 2), (T.VECTOR_BYTES, T.NV)
+rng = np.random.default_rng(0)
+for dtype, tol in ((np.float32, 2e-6), (np.float64, 1e-14)):
+    for m, k, n, trans, acc in itertools.product([1, 5, 128], [1, 64], [3, 4, 9, 130], [False, True], [False, True]):
+        a = rng.standard_normal((k, m) if trans else (m, k)).astype(dtype)
+        a = a.T if trans else a
+        b = rng.standard_normal((k, n + 1)).astype(dtype)[:, 1:]
+        c = rng.standard_normal((m, n)).astype(dtype)
+        want, got = c.copy(), c.copy()
+        T.tile_matmul_reference(a, b, want, acc)
+        T.tile_matmul_compiled(a, b, got, acc)
+        bound = tol * (np.abs(want) + np.abs(a).sum(axis=1, keepdims=True) @ np.abs(b).max(axis=0, keepdims=True) + 1)
+        assert np.all(np.abs(got - want) <= bound), (dtype, m, k, n, trans, acc)
+print("narrow ok")
+"""
+
+
+def test_tile_matmul_on_a_cpu_without_wide_vectors(tmp_path):
+    """Compiled for a generic x86-64 CPU (``NUMBA_CPU_NAME=generic``: 16-byte vectors, 16 registers,
+    so panels of 2 vectors), the products are still right: the path of machines unlike this one."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", _NARROW_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "narrow ok" in run.stdout
