@@ -42,8 +42,9 @@ __all__ = ["tile_matmul", "tile_matmul_compiled", "tile_matmul_reference", "VECT
 
 def _vector_registers() -> tuple[int, int]:
     """``(bytes, count)`` of the vector registers numba compiles for: AVX-512 64 × 32, AVX 32 × 16,
-    NEON 16 × 32, else 16 × 16 (also when ``NUMBA_CPU_NAME`` asks for another CPU than this one)."""
-    if numba.config.CPU_NAME not in (None, "", "host"):
+    NEON 16 × 32, else 16 × 16 (also when ``NUMBA_CPU_NAME`` or ``NUMBA_CPU_FEATURES`` ask numba to
+    compile for another CPU than this one: wider vectors would then be split, and spill)."""
+    if numba.config.CPU_NAME not in (None, "", "host") or numba.config.CPU_FEATURES:
         return 16, 16
     features = llvm.get_host_cpu_features()
     if features.get("avx512f"):
