@@ -943,13 +943,13 @@ def _backward(cache: _BlockSparseCache, dout, fused: bool | None = None):
     fused = _fused(q.shape[0], _threads()) if fused is None else fused
     vt = _transposed_tiles(v, bk)
     if fused:
-        _k.blocksparse_backward(q, k, v, kt, vt, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
+        _k.blocksparse_backward(q, k, kt, vt, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
                                 bm._tile, bm._tiles, bm._boxes(), bq, bk, dq, dk, dv)
     else:
         tindptr, trows, ttile = bm._transposed_layout()
-        _k.blocksparse_backward_dq(q, k, v, kt, vt, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
+        _k.blocksparse_backward_dq(q, k, kt, vt, dout3, lse, delta, scale, slice_of, bm._indptr, bm._cols,
                                    bm._tile, bm._tiles, bm._boxes(), bq, bk, dq)
-        _k.blocksparse_backward_dkdv(q, k, v, kt, vt, dout3, lse, delta, scale, slice_of, tindptr, trows, ttile,
+        _k.blocksparse_backward_dkdv(q, k, kt, vt, dout3, lse, delta, scale, slice_of, tindptr, trows, ttile,
                                      bm._tiles, bm._boxes(), bq, bk, dk, dv)
     if plan.pairs is not None:                     # the thin pairs: same ℓ and δ, gradients add up
         indptr, indices, tptr, tind = _pairs_for(plan.pairs, slice_of)

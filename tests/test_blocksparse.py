@@ -435,13 +435,13 @@ def test_kernels_match_numpy_references(dtype, block_size):
     refs = K.blocksparse_backward_reference(q, k, v, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles,
                                             bq, bk)
     fused = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
-    K.blocksparse_backward(q, k, v, kt, vt, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
+    K.blocksparse_backward(q, k, kt, vt, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
                            bq, bk, *fused)
     split = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
     tindptr, trows, ttile = bm._transposed_layout()
-    K.blocksparse_backward_dq(q, k, v, kt, vt, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
+    K.blocksparse_backward_dq(q, k, kt, vt, dout, lse, delta, 0.4, slice_of, indptr, cols, tile, tiles, boxes,
                               bq, bk, split[0])
-    K.blocksparse_backward_dkdv(q, k, v, kt, vt, dout, lse, delta, 0.4, slice_of, tindptr, trows, ttile, tiles, boxes,
+    K.blocksparse_backward_dkdv(q, k, kt, vt, dout, lse, delta, 0.4, slice_of, tindptr, trows, ttile, tiles, boxes,
                                 bq, bk, split[1], split[2])
     for a, b, c in zip(fused, split, refs):
         assert_attention_close(a, c, dtype, kind="grad")
@@ -466,7 +466,7 @@ def test_kernels_python_path_matches_compiled():
     grads = []
     for f in (K.blocksparse_backward, K.blocksparse_backward.py_func):
         g = (np.empty_like(q), np.zeros_like(k), np.zeros_like(v))
-        f(q, k, v, kt, vt, dout, outs[0][1], delta, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, *g)
+        f(q, k, kt, vt, dout, outs[0][1], delta, 0.5, slice_of, indptr, cols, tile, tiles, boxes, 8, 4, *g)
         grads.append(g)
     for a, b in zip(*grads):
         assert_attention_close(b, a, np.float64, kind="grad")

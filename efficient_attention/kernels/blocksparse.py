@@ -317,7 +317,7 @@ def blocksparse_forward_reference(q, k, v, scale, slice_of, indptr, cols, tile, 
 # backward
 
 @njit(**JIT)
-def _backward_block(q, k, v, kt, vt, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes, tid, qs, s, dp, work,
+def _backward_block(q, k, kt, vt, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes, tid, qs, s, dp, work,
                     dq_acc, dk, dv, with_dq, with_dkdv):
     """One (query tile, key tile) block of the backward, on the block's box (rows ``I``, keys
     ``J``): ``dq_acc[I] += dS K_J`` and/or ``dK_J += dSᵀ (s Q_I)``, ``dV_J += Pᵀ dO_I``."""
@@ -353,7 +353,7 @@ def _scratch(q, bq, bk):
 
 
 @njit(**JIT)
-def _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles, boxes, bk,
+def _query_tile_backward(q, k, kt, vt, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles, boxes, bk,
                          qs, s, dp, work, dq_acc, dq, dk, dv, with_dkdv):
     """Query tile ``i0:i0+rq`` of slice ``bh`` (layout row ``r``) over its key tiles: ``dq`` of its
     rows, and with ``with_dkdv`` its terms of ``dk``, ``dv`` added (buffers ``qs``, ``dq_acc``:
@@ -364,7 +364,7 @@ def _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, r, i0, rq
     dq_acc[:rq, :] = 0.0
     for e in range(indptr[r], indptr[r + 1]):
         j0 = cols[e] * bk
-        _backward_block(q, k, v, kt, vt, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes, tile[e],
+        _backward_block(q, k, kt, vt, dout, lse, delta, bh, i0, rq, j0, min(bk, M - j0), tiles, boxes, tile[e],
                         qs[:rq], s, dp, work, dq_acc[:rq], dk, dv, True, with_dkdv)
     for a in range(rq):
         for c in range(D):
@@ -372,7 +372,7 @@ def _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, r, i0, rq
 
 
 @njit(**JIT_PARALLEL)
-def blocksparse_backward(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
+def blocksparse_backward(q, k, kt, vt, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes, bq, bk,
                          dq, dk, dv):
     """``dq``, and ``dk``, ``dv`` (zeroed by the caller) of the block-sparse attention; each slice
     ``bh`` is one work item (one thread walks all its tiles)."""
@@ -382,13 +382,13 @@ def blocksparse_backward(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, ind
         qs, dq_acc, s, dp, work = _scratch(q, bq, bk)
         for ti in range(nqb):
             i0 = ti * bq
-            _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, slice_of[bh] * nqb + ti, i0,
+            _query_tile_backward(q, k, kt, vt, dout, lse, delta, scale, bh, slice_of[bh] * nqb + ti, i0,
                                  min(bq, N - i0), indptr, cols, tile, tiles, boxes, bk, qs, s, dp, work, dq_acc,
                                  dq, dk, dv, True)
 
 
 @njit(**JIT_PARALLEL)
-def blocksparse_backward_dq(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes,
+def blocksparse_backward_dq(q, k, kt, vt, dout, lse, delta, scale, slice_of, indptr, cols, tile, tiles, boxes,
                             bq, bk, dq):
     """``dq`` alone, in parallel over (slice, query tile)."""
     BH, N, D = q.shape
@@ -396,12 +396,12 @@ def blocksparse_backward_dq(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, 
     for t in prange(BH * nqb):
         bh, r, i0, rq = _work_item(t, nqb, slice_of, bq, N)
         qs, dq_acc, s, dp, work = _scratch(q, bq, bk)
-        _query_tile_backward(q, k, v, kt, vt, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles,
+        _query_tile_backward(q, k, kt, vt, dout, lse, delta, scale, bh, r, i0, rq, indptr, cols, tile, tiles,
                              boxes, bk, qs, s, dp, work, dq_acc, dq, dq, dq, False)
 
 
 @njit(**JIT_PARALLEL)
-def blocksparse_backward_dkdv(q, k, v, kt, vt, dout, lse, delta, scale, slice_of, tindptr, trows, ttile, tiles,
+def blocksparse_backward_dkdv(q, k, kt, vt, dout, lse, delta, scale, slice_of, tindptr, trows, ttile, tiles,
                               boxes, bq, bk, dk, dv):
     """``dk``, ``dv`` (zeroed by the caller), in parallel over (slice, key tile) through the
     transposed layout: each key tile's rows belong to one work item."""
@@ -415,7 +415,7 @@ def blocksparse_backward_dkdv(q, k, v, kt, vt, dout, lse, delta, scale, slice_of
             i0 = trows[e] * bq
             rq = min(bq, N - i0)
             _scaled_rows(q, bh, i0, rq, scale, qs)
-            _backward_block(q, k, v, kt, vt, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes, ttile[e],
+            _backward_block(q, k, kt, vt, dout, lse, delta, bh, i0, rq, j0, ck, tiles, boxes, ttile[e],
                             qs[:rq], s, dp, work, qs[:rq], dk, dv, False, True)
 
 
