@@ -68,10 +68,25 @@ def test_tile_matmul_python_form_is_numpy():
 
 
 def test_tile_matmul_needs_unit_stride_rows():
+    """Strided rows of ``b`` or ``c`` are refused where vectors would be loaded from them."""
     a = np.ones((4, 4))
-    b = np.ones((4, 8))[:, ::2]
     with pytest.raises(ValueError, match="unit stride"):
-        T.tile_matmul_compiled(a, b, np.zeros((4, 4)), False)
+        T.tile_matmul_compiled(a, np.ones((4, 128))[:, ::2], np.zeros((4, 64)), False)
+    with pytest.raises(ValueError, match="unit stride"):
+        T.tile_matmul_compiled(a, np.ones((4, 64)), np.zeros((4, 128))[:, ::2], False)
+
+
+def test_tile_matmul_strides_that_no_vector_reads():
+    """``k = 0`` reads no ``b`` (NumPy may give an empty array any strides), and a single column
+    takes the scalar path whatever its stride."""
+    a = np.ones((3, 0))
+    c = np.full((3, 2), 5.0)
+    T.tile_matmul_compiled(a, np.ones((2, 0)).T, c, False)
+    np.testing.assert_array_equal(c, 0.0)
+    a, b = np.arange(6.0).reshape(3, 2), np.arange(10.0).reshape(2, 5)[:, 2::5]     # one column, strides (40, 40)
+    c = np.zeros((3, 1))
+    T.tile_matmul_compiled(a, b, c, False)
+    np.testing.assert_array_equal(c, a @ b)
 
 
 def test_tile_matmul_special_values():

@@ -2,7 +2,8 @@ r"""Products of small tiles in registers, for the block-sparse engine's flash ke
 
 ``tile_matmul(a, b, c, accumulate)`` computes ``c = a @ b`` (or ``c += a @ b``) for the tiles of
 :mod:`efficient_attention.kernels.blocksparse`: ``a (m, k)`` with any strides (a transposed view
-such as ``p.T`` included), ``b (k, n)`` and ``c (m, n)`` with unit stride along their rows. In
+such as ``p.T`` included), ``b (k, n)`` and ``c (m, n)`` with unit stride along their rows (a
+``ValueError`` otherwise, unless ``n`` is narrower than a vector: then no vector is loaded). In
 plain Python (a kernel's ``py_func``, ``NUMBA_DISABLE_JIT=1``) it is NumPy's ``@``; compiled, it is
 a register-blocked loop that LLVM turns into the machine's widest vector FMAs:
 
@@ -193,13 +194,13 @@ def _tile_matmul_overload(a, b, c, accumulate):
         kd = a.shape[1]
         if m == 0 or n == 0:
             return
-        isz = c.itemsize
-        if b.strides[1] != isz or c.strides[1] != isz:
-            raise ValueError("tile_matmul: b and c need unit stride along their rows")
-        if kd == 0:
+        if kd == 0:                                    # (b is not read)
             if not accumulate:
                 c[:, :] = 0.0
             return
+        isz = c.itemsize
+        if n >= lanes and (b.strides[1] != isz or c.strides[1] != isz):   # (vector loads and stores)
+            raise ValueError("tile_matmul: b and c need unit stride along their rows")
         a_rs, a_ks = a.strides[0] // isz, a.strides[1] // isz
         ldb, ldc = b.strides[0] // isz, c.strides[0] // isz
         i = 0
