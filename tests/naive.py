@@ -54,14 +54,28 @@ def attention_grads_loop(q, k, v, dout, mask=None, causal=False, scale=None):
     return dq, dk, dv
 
 
+def _matmul(a, b):
+    """``a @ b`` without numpy's invalid-operation warning. On finite inputs ``@`` cannot make
+    an invalid operation, yet the CI run of stop 26 saw "invalid value encountered in matmul" on
+    float32 products of a few finite entries (5 by 2, 3 by 5 by 1), on the first call and not on
+    a repeat of the same call: the BLAS's own flag, as in numpy#13173 and OpenBLAS#1924. With
+    the pytest setting that turns RuntimeWarnings into errors, that flag failed a correct
+    candidate at random. Overflow and division warnings stay on."""
+    with np.errstate(invalid="ignore"):
+        return a @ b
+
+
 def attention_in_dtype(q, k, v, dout=None, mask=None, causal=False, scale=None):
     """The textbook formulas, vectorised, in the inputs' own dtype (no float64 anywhere):
     ``(out,)`` or ``(out, dq, dk, dv)``. An independent low-precision implementation (scale
     applied to q, P normalised before P·V, the rowsum(P ⊙ dP) form of the softmax backward),
-    for the ``lowp`` rule of ``assert_attention_close``."""
+    for the ``lowp`` rule of ``assert_attention_close``.
+
+    Its products go through :func:`_matmul`, which ignores the invalid-operation flag: the
+    results are compared, so a NaN or Inf they make still shows."""
     q, k, v = (np.asarray(a) for a in (q, k, v))
     sc = q.dtype.type(q.shape[-1] ** -0.5 if scale is None else scale)
-    s = (q * sc) @ np.swapaxes(k, -1, -2)
+    s = _matmul(q * sc, np.swapaxes(k, -1, -2))
     allowed = np.ones(s.shape[-2:], bool) if mask is None else np.asarray(mask, bool)
     if causal:
         allowed = allowed & (np.arange(s.shape[-1])[None, :] <= np.arange(s.shape[-2])[:, None])
@@ -70,14 +84,14 @@ def attention_in_dtype(q, k, v, dout=None, mask=None, causal=False, scale=None):
     p = np.exp(s - np.where(np.isfinite(top), top, 0))
     z = np.sum(p, axis=-1, keepdims=True)
     p = p / np.where(z > 0, z, 1)
-    out = (p @ v).astype(q.dtype)
+    out = _matmul(p, v).astype(q.dtype)
     if dout is None:
         return (out,)
     dout = np.asarray(dout, dtype=q.dtype)
-    dv = np.swapaxes(p, -1, -2) @ dout
-    dp = dout @ np.swapaxes(v, -1, -2)
+    dv = _matmul(np.swapaxes(p, -1, -2), dout)
+    dp = _matmul(dout, np.swapaxes(v, -1, -2))
     ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
-    return out, (ds @ k) * sc, (np.swapaxes(ds, -1, -2) @ q) * sc, dv
+    return out, _matmul(ds, k) * sc, _matmul(np.swapaxes(ds, -1, -2), q) * sc, dv
 
 
 def random_candidates(n, m, causal=False, exclude=None):
