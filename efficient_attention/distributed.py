@@ -661,7 +661,7 @@ def _overlap_add(n_rows, starts, *pieces):
 
 def _halo_backward(core, cache, dout):
     q, k, v = cache.q, cache.k, cache.v
-    offsets, ranges = cache.extra["offsets"], cache.extra["ranges"]
+    ranges = cache.extra["ranges"]
     g = _Graph("backward", cache.extra["graph"], dout)
     dg = _grid(dout)
     dqs = np.empty(q.numblocks, object)

@@ -515,7 +515,6 @@ class _Reference:
         """Every small ``(n, m, d, dv, batch)`` corner the reference accepts, smallest first."""
         import warnings
         rng = np.random.default_rng(0)
-        ok = []
 
         def works(n, m, d, dv, batch):
             try:

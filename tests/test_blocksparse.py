@@ -610,7 +610,6 @@ def test_thin_blocks_go_pair_by_pair():
 # --------------------------------------------------------------------------- wiring
 
 def test_sparse_attention_picks_the_engine_when_tiles_are_dense():
-    from efficient_attention import sparse
     n = 256
     for pat, engine in [(P.longformer(n, 40, [0]), True), (P.bigbird(n, 64, 1, 1), True),
                         (P.local(n, 20, causal=True), True), (P.random(n, 8, 0), False)]:

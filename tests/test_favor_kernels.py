@@ -5,7 +5,6 @@ import numpy as np
 import efficient_attention as ea
 import pytest
 
-from efficient_attention import feature_maps
 from efficient_attention.feature_maps import PerformerFeatureMap
 from efficient_attention.kernels import favor
 

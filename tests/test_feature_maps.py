@@ -222,7 +222,6 @@ def test_bad_x(index):
 def test_performer_row_blocks_do_not_change_the_result(kind, shift, monkeypatch):
     """The Performer map works on blocks of ROW_BLOCK rows; blocks that split sequences and
     batch entries give the same features, log-scales and gradients as one block."""
-    import efficient_attention.feature_maps as fmod
     fm = PerformerFeatureMap(PerformerFeatureMap.draw(4, 6, 2), kind=kind)
     rng = np.random.default_rng(7)
     x, dphi = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 5, fm.n_features(4)))

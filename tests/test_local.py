@@ -361,7 +361,6 @@ def test_threads_do_not_change_the_result(core):
 def test_float32_row_kernels_match_the_numpy_lines(core, monkeypatch):
     """float32 blocks run their elementwise work in numba (kernels/band.py); the NumPy lines
     beside them (ROW_KERNELS = False) give the same result to float32 rounding."""
-    import efficient_attention.local as local
     q, k, v, g = _arrays((2, 3), 200, 8, 5, np.float32, seed=4)
     out, cache = core.forward(q, k, v)
     grads = core.backward(cache, g)

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import efficient_attention as ea
-from efficient_attention import lowrank
 from efficient_attention.dense import DenseAttention
 from efficient_attention.lowrank import (CompressedAttention, LinformerAttention, compress,
                                          compress_backward, visible_counts)
@@ -482,7 +481,6 @@ def test_cost_linear_in_n_for_linformer_and_quadratic_for_compressed():
 def test_linformer_projection_blocks_match_direct_formula(shared, monkeypatch):
     """E K, F V and their gradients run by blocks of PROJ_BLOCK key positions (with a ragged last
     block here: 7 = 3 + 3 + 1) and equal the one-block result and the direct formula."""
-    import efficient_attention.lowrank as lowrank
     m, d, dv, kp = 7, 4, 3, 3
     core = LinformerAttention.init(m, kp, seed=4, shared=shared)
     q, k, v, dout = (_rand((2, 3) + s, i) for i, s in enumerate([(5, d), (m, d), (m, dv), (5, dv)]))

@@ -491,7 +491,6 @@ def test_kernel_twins_equal_the_chapter_functions():
 def test_chunked_block_attention_equals_one_chunk(cfg, monkeypatch):
     """The block attention runs in chunks of blocks (query rows for SortCut); tiny chunks
     must give the same outputs and gradients as one chunk."""
-    import efficient_attention.sinkhorn as mod
     q, k, v, w = _data(batch=(2,), nb=5, bs=3)
     core = SinkhornAttention(3, w, **cfg)
     g = np.random.default_rng(1).standard_normal(q.shape[:-1] + (v.shape[-1],))
@@ -512,7 +511,6 @@ def test_chunked_block_attention_equals_one_chunk(cfg, monkeypatch):
 @pytest.mark.parametrize("cfg", [dict(), dict(sortcut=2, seed=3)], ids=str)
 def test_core_through_the_kernel_path(cfg, monkeypatch):
     """Force the numba Sinkhorn path at small n_b: same outputs, P and gradients as NumPy."""
-    import efficient_attention.sinkhorn as mod
     q, k, v, w = _data(batch=(2,), nb=5, bs=3)
     core = SinkhornAttention(3, w, **cfg)
     g = np.random.default_rng(1).standard_normal(q.shape[:-1] + (v.shape[-1],))
