@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 
 __all__ = ["settings", "override", "reset", "DEFAULTS", "blas_threads_limited", "worker_threads",
@@ -237,20 +238,47 @@ def worker_threads(threads=None) -> int:
 
 
 _BLAS_CONTROLLER = []
+_BLAS_LOCK = threading.Lock()
+_BLAS_HOLD = {"holders": 0, "limiter": None}
+
+
+class _BlasHold:
+    """One holder of the one-thread BLAS limit, shared by every thread that holds it: the
+    first to enter sets the limit, the last to leave restores what was there before. (One
+    limit per holder, each restoring what it saw on entry, lets two threads that overlap
+    leave BLAS at one thread for good: B saves A's limit, A restores the original, B then
+    restores A's limit.)"""
+
+    def __enter__(self):
+        with _BLAS_LOCK:
+            if _BLAS_HOLD["holders"] == 0:
+                if not _BLAS_CONTROLLER:
+                    import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls scipy's own OpenBLAS:
+                    from threadpoolctl import ThreadpoolController  # load it before the controller looks
+                    _BLAS_CONTROLLER.append(ThreadpoolController())
+                _BLAS_HOLD["limiter"] = _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+            _BLAS_HOLD["holders"] += 1
+        return self
+
+    def __exit__(self, *exc):
+        with _BLAS_LOCK:
+            _BLAS_HOLD["holders"] -= 1
+            if _BLAS_HOLD["holders"] == 0:
+                _BLAS_HOLD["limiter"].restore_original_limits()
+                _BLAS_HOLD["limiter"] = None
+        return False
 
 
 def blas_threads_limited():
     """A context manager holding BLAS to one thread while the library's own threads call it
     (nested BLAS threads would oversubscribe the cores), restoring BLAS's threads on exit.
-    With :data:`LIMIT_BLAS_THREADS` False it does nothing. ``threadpoolctl`` is loaded on
-    first use, not at import."""
+    Calls that overlap, from several threads of the caller (a threaded Dask scheduler, say),
+    share one hold: BLAS's threads come back when the last of them leaves. With
+    :data:`LIMIT_BLAS_THREADS` False it does nothing (and gives None). ``threadpoolctl`` is
+    loaded on first use, not at import."""
     if not LIMIT_BLAS_THREADS:
         return contextlib.nullcontext()
-    if not _BLAS_CONTROLLER:
-        import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls scipy's own OpenBLAS:
-        from threadpoolctl import ThreadpoolController  # load it before the controller looks
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+    return _BlasHold()
 
 
 # ---------------------------------------------------------------------------------------------

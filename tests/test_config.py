@@ -2,6 +2,7 @@
 happens at import but definitions and registration."""
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -57,6 +58,52 @@ def test_blas_limit_can_be_turned_off():
     with config.override(LIMIT_BLAS_THREADS=False):
         with config.blas_threads_limited() as limit:
             assert limit is None                      # nothing done to BLAS
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_overlapping_blas_limits_restore_blas_threads_when_the_last_one_leaves():
+    """Two holds that overlap (as from two threads of a threaded Dask scheduler) and leave in
+    the order they came: BLAS stays at one thread until the second leaves, then has its own
+    threads back, not one thread for the rest of the process."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert before and set(before.values()) == {2}
+        first, second = config.blas_threads_limited(), config.blas_threads_limited()
+        first.__enter__()
+        assert set(_blas_threads().values()) == {1}
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert set(_blas_threads().values()) == {1}      # the second still holds
+        second.__exit__(None, None, None)
+        assert _blas_threads() == before
+
+
+def test_banded_calls_from_many_threads_give_blas_its_threads_back():
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 256, 16)).astype(np.float32)
+    core = ea.LocalAttention(16)
+    ref = core(q, q, q)
+    outs = []
+
+    def work():
+        for _ in range(10):
+            outs.append(core(q, q, q))
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _blas_threads() == before
+    assert len(outs) == 40 and all(np.array_equal(o, ref) for o in outs)
 
 
 def test_import_starts_no_threads_and_loads_no_thread_controller():
