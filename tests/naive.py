@@ -57,10 +57,11 @@ def attention_grads_loop(q, k, v, dout, mask=None, causal=False, scale=None):
 def _matmul(a, b):
     """``a @ b`` without numpy's invalid-operation warning. On finite inputs ``@`` cannot make
     an invalid operation, yet the CI run of stop 26 saw "invalid value encountered in matmul" on
-    float32 products of a few finite entries (5 by 2, 3 by 5 by 1), on the first call and not on
-    a repeat of the same call: the BLAS's own flag, as in numpy#13173 and OpenBLAS#1924. With
-    the pytest setting that turns RuntimeWarnings into errors, that flag failed a correct
-    candidate at random. Overflow and division warnings stay on."""
+    float32 products of a few finite entries (1×5 by 5×2, 3×5 by 5×1), on the first call and not
+    on a repeat of the same call. Most likely that was the BLAS's own flag, as in numpy#13173 and
+    OpenBLAS#1924; it did not happen again on the development machine. With the pytest setting
+    that turns RuntimeWarnings into errors, it failed a correct candidate at random. Overflow
+    and division warnings stay on."""
     with np.errstate(invalid="ignore"):
         return a @ b
 
